@@ -1,0 +1,1 @@
+"""Dataset preparation: ImageNet -> WebDataset shards, pre-tokenization, demo data."""

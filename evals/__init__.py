@@ -1,0 +1,1 @@
+"""Distributed evaluation: Inception features, exact FID/IS statistics, Ray workers, MLflow logging."""
