@@ -1,0 +1,52 @@
+"""Train a TiTok tokenizer or generator on Ray Train + DeepSpeed.
+
+    python trainer/run.py stage=tokenizer experiment=demo [key=value ...]
+    ray job submit -- python trainer/run.py stage=tokenizer experiment=titok_l32 output_dir=s3://b/runs/l32
+
+Re-running the same command (same output_dir) resumes from the latest complete checkpoint.
+`--help` prints the merged config of the chosen stage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python trainer/run.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.config import EXIT_CONFIG_ERROR, ConfigError, load_config  # noqa: E402
+from trainer.schema import STAGE_SCHEMAS, Stage  # noqa: E402
+
+STAGES = ", ".join(s.value for s in Stage)
+
+
+def parse_stage(argv: list[str]) -> Stage:
+    """The stage named by `stage=...`; validated first, since it selects the schema."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("stage=")]
+    if not values:
+        raise ConfigError("stage", f"is required (stage=...); valid: {STAGES}")
+    try:
+        return Stage(values[-1])
+    except ValueError:
+        raise ConfigError("stage", f"{values[-1]!r} is not a valid choice; valid: {STAGES}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        stage = parse_stage(argv)
+    except ConfigError as err:
+        if any(a in ("-h", "--help") for a in argv):
+            print(__doc__.strip() + f"\n\nstages: {STAGES}")
+            return 0
+        print(str(err), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    cfg = load_config(stage.value, STAGE_SCHEMAS[stage], argv, description=__doc__)
+    from trainer.launch import launch
+
+    return launch(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

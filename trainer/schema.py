@@ -1,0 +1,182 @@
+"""Config schema of ``trainer/run.py`` (both stages): one dataclass per component.
+
+Defaults here are the framework's; ``configs/tokenizer.yaml`` / ``configs/generator.yaml`` carry the
+stage defaults and ``configs/experiments/*.yaml`` the published recipes and the tiny ``demo``.
+Keys named in the training contract: ``experiment``, ``seed``, ``output_dir``, ``data.train_shards``,
+``data.val_shards``, ``trainer.max_steps``, ``trainer.num_workers``, ``trainer.use_gpu``,
+``trainer.batch_size_per_worker``, ``deepspeed.zero_stage``, ``deepspeed.precision``,
+``mlflow.tracking_uri``, ``mlflow.experiment``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from trainer.config import ConfigError
+from trainer.models.config import GeneratorConfig, TiTokConfig
+
+
+class Stage(str, enum.Enum):
+    tokenizer = "tokenizer"
+    generator = "generator"
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class TokenizerRecipe(str, enum.Enum):
+    proxy_codes = "proxy_codes"            # paper stage 1: CE on a frozen MaskGIT-VQGAN's codes
+    decoder_finetune = "decoder_finetune"  # paper stage 2: frozen encoder/quantizer, pixel losses + GAN
+    single_stage = "single_stage"          # pixel losses from the start
+
+
+@dataclass
+class DataConfig:
+    # Shards: a directory/prefix (local or s3://), a glob, or a brace pattern such as
+    # s3://bucket/imagenet/train-{000000..001023}.tar. The generator stage reads token shards.
+    train_shards: Optional[str] = None
+    val_shards: Optional[str] = None
+    image_size: int = 256
+    loader_workers: int = 2
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.loader_workers < 0 or self.shuffle_buffer < 1:
+            raise ConfigError("data", "image_size > 0, loader_workers >= 0, shuffle_buffer >= 1 are required")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    num_workers: int = 1                 # Ray Train workers (one per GPU on a cluster)
+    use_gpu: bool = False
+    batch_size_per_worker: int = 32      # micro-batch per worker per step (before accumulation)
+    cpus_per_worker: float = 1.0
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0               # 0 disables clipping
+    log_every: int = 50
+    image_log_every: int = 1000          # input/reconstruction grid to MLflow (0 disables)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_failures: int = 0                # worker-group restarts from the last checkpoint
+    max_nonfinite_steps: int = 10        # abort after this many non-finite losses in a row
+    activation_checkpointing: bool = False
+    compile: bool = False                # torch.compile the model (GPU)
+    ema_decay: Optional[float] = 0.999   # null disables the EMA; exports then hold the raw weights
+    export_every: Optional[int] = None   # default: with every checkpoint
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "num_workers", "batch_size_per_worker", "grad_accum_steps", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("trainer.ema_decay", f"must be in [0, 1) or null, got {self.ema_decay}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``end_lr``."""
+
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10_000
+    fused: bool = False                  # fused CUDA AdamW (GPU only)
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas", f"needs two values, got {self.betas}")
+        if self.lr <= 0 or self.end_lr < 0 or self.warmup_steps < 0:
+            raise ConfigError("optim", "lr > 0, end_lr >= 0 and warmup_steps >= 0 are required")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: Precision = Precision.fp32
+    offload_optimizer: bool = False      # ZeRO-Offload of optimizer state to CPU (stages 1-3)
+    offload_param: bool = False          # parameters to CPU (stage 3)
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero_stage", f"{self.zero_stage!r} is not a valid choice; valid: 0, 1, 2, 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param", "needs deepspeed.zero_stage=3")
+
+
+@dataclass
+class MLflowConfig:
+    # null: $MLFLOW_TRACKING_URI, else a local SQLite store under ./mlruns.
+    tracking_uri: Optional[str] = None
+    experiment: str = "titok"
+    enabled: bool = True
+
+
+@dataclass
+class TrainConfigBase:
+    stage: Stage = Stage.tokenizer
+    experiment: Optional[str] = None
+    seed: int = 0
+    # The run's directory (local or s3://): checkpoints, exports and the resolved config go under it.
+    # Re-running with the same output_dir resumes. null: outputs/<stage>-<experiment>.
+    output_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir or f"outputs/{self.stage.value}-{self.experiment or 'default'}"
+
+    @property
+    def run_name(self) -> str:
+        return self.run_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class TokenizerRecipeConfig:
+    recipe: TokenizerRecipe = TokenizerRecipe.proxy_codes
+    # MaskGIT-VQGAN weights (path or URL): the proxy-code teacher of stage 1 and the pixel decoder
+    # that stage 2 starts from.
+    teacher_weights: Optional[str] = None
+    # A tokenizer export (dir with config.json + model.safetensors) to start from, e.g. stage 1's.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class TokenizerTrainConfig(TrainConfigBase):
+    model: TiTokConfig = field(default_factory=TiTokConfig)
+    tokenizer: TokenizerRecipeConfig = field(default_factory=TokenizerRecipeConfig)
+
+
+@dataclass
+class GeneratorRecipeConfig:
+    # Tokenizer export whose tokens the generator models; decodes sample grids for MLflow.
+    tokenizer: Optional[str] = None
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class GeneratorTrainConfig(TrainConfigBase):
+    stage: Stage = Stage.generator
+    model: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generator: GeneratorRecipeConfig = field(default_factory=GeneratorRecipeConfig)
+
+
+STAGE_SCHEMAS: dict[Stage, type[TrainConfigBase]] = {
+    Stage.tokenizer: TokenizerTrainConfig,
+    Stage.generator: GeneratorTrainConfig,
+}
