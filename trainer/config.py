@@ -3,8 +3,10 @@
 A config is a dataclass schema (the types and defaults), overlaid in this order:
 
 1. ``configs/<entry>.yaml``                       the entry's base file (tokenizer, generator, shard, ...)
-2. section ``<entry>:`` of ``configs/experiments/<experiment>.yaml``   when ``experiment=<name>`` is given
-3. ``key=value`` overrides from the command line (OmegaConf dotlist syntax)
+2. ``configs/<entry>/<field>/<value>.yaml``      config groups: an overlay chosen by a field's value,
+   e.g. ``tokenizer.recipe=decoder_finetune`` applies ``configs/tokenizer/recipe/decoder_finetune.yaml``
+3. section ``<entry>:`` of ``configs/experiments/<experiment>.yaml``   when ``experiment=<name>`` is given
+4. ``key=value`` overrides from the command line (OmegaConf dotlist syntax)
 
 Everything is validated against the schema before any work starts: an unknown key, a value of the
 wrong type or a bad choice is one line on stderr naming the key and the valid choices, exit code 2.
@@ -45,6 +47,9 @@ _SECRET_KEY_PATTERN = re.compile(r"(secret|password|passwd|token|credential|acce
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_TOKEN",
                     "MLFLOW_TRACKING_PASSWORD")
 MASK = "***"
+
+# Config groups: fields whose value selects an overlay file (see the module docstring).
+GROUPS: dict[str, tuple[str, ...]] = {"tokenizer": ("tokenizer.recipe",)}
 
 # Entry name -> "module:Schema". Experiment files may only have sections for these entries.
 ENTRIES: dict[str, str] = {
@@ -157,18 +162,31 @@ def _merge(entry: str, schema: type, overrides: Sequence[str]) -> DictConfig:
         raise ConfigError("", f"cannot parse overrides: {err.msg if hasattr(err, 'msg') else err}") from None
 
     experiment = override_cfg.get("experiment") if "experiment" in override_cfg else None
-    layers: list[tuple[str, Any]] = []
+    base_layers: list[tuple[str, Any]] = []
     base_file = config_dir() / f"{entry}.yaml"
     if base_file.exists():
-        layers.append((str(base_file), _read_yaml(base_file)))
-    if experiment is None:
-        # An experiment can also be chosen by the entry's YAML file.
-        for _, layer in layers:
-            if isinstance(layer, dict) and layer.get("experiment"):
-                experiment = layer["experiment"]
+        base_layers.append((str(base_file), _read_yaml(base_file)))
+        if experiment is None:  # the entry's YAML may choose an experiment itself
+            experiment = base_layers[0][1].get("experiment")
+    experiment_layers: list[tuple[str, Any]] = []
     if experiment is not None:
-        layers.append((f"experiment {experiment}", _experiment_section(str(experiment), entry)))
+        experiment_layers.append((f"experiment {experiment}", _experiment_section(str(experiment), entry)))
+    layers = base_layers + experiment_layers
 
+    node = _merge_layers(schema, layers, override_cfg)
+    group_layers = []
+    for key in GROUPS.get(entry, ()):
+        value = OmegaConf.select(node, key)
+        value = value.value if isinstance(value, enum.Enum) else value
+        path = config_dir() / entry / key.rsplit(".", 1)[-1] / f"{value}.yaml"
+        if value is not None and path.exists():
+            group_layers.append((f"{entry}/{key.rsplit('.', 1)[-1]}/{value}.yaml", _read_yaml(path)))
+    if group_layers:  # base first, then the group overlays, then the experiment
+        node = _merge_layers(schema, base_layers + group_layers + experiment_layers, override_cfg)
+    return node
+
+
+def _merge_layers(schema: type, layers: list[tuple[str, Any]], override_cfg: DictConfig) -> DictConfig:
     node = OmegaConf.structured(schema)
     OmegaConf.set_struct(node, True)
     for source, layer in layers:

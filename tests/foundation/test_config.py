@@ -146,3 +146,16 @@ def test_shipped_configs_are_valid() -> None:
             build_config(entry, schema, overrides)
             checked += 1
     assert checked >= 2
+
+
+def test_config_group_overlay_is_chosen_by_a_field_value(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/<entry>/<field>/<value>.yaml sits between the base file and the experiment."""
+    monkeypatch.setitem(cfglib.GROUPS, "toy", ("inner.color",))
+    (config_dir / "toy" / "color").mkdir(parents=True)
+    (config_dir / "toy" / "color" / "green.yaml").write_text("lr: 0.7\ninner:\n  tags: [from-green]\n")
+    assert build_config("toy", Root).lr == 0.2                       # red: no overlay file
+    cfg = build_config("toy", Root, ["inner.color=green"])
+    assert cfg.lr == 0.7 and cfg.inner.tags == ["from-green"]
+    cfg = build_config("toy", Root, ["experiment=big"])               # the experiment picks green...
+    assert cfg.lr == 0.7 and cfg.inner.size == 10                     # ...and still wins over the overlay
+    assert build_config("toy", Root, ["inner.color=green", "lr=0.9"]).lr == 0.9
