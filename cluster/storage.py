@@ -441,3 +441,18 @@ __all__ = [
     "delete", "delete_prefix", "copy", "ensure_bucket", "local_dir", "upload_dir", "download_dir",
     "register_webdataset_s3", "s3_client",
 ]
+
+
+def pyarrow_filesystem(url: str):
+    """(pyarrow filesystem, path) for libraries that take one (Ray Train's storage): S3 with the
+    same endpoint/credential chain as boto3, or the local filesystem."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(url):
+        return pafs.LocalFileSystem(), str(Path(url).resolve())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kwargs), url[len(S3_SCHEME):].rstrip("/")
