@@ -52,7 +52,9 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000               # length of the run (and of the LR schedule)
+    # Stop early at this step with a checkpoint (time-limited allocations); re-run without it to go on.
+    stop_at_step: Optional[int] = None
     num_workers: int = 1                 # Ray Train workers (one per GPU on a cluster)
     use_gpu: bool = False
     batch_size_per_worker: int = 32      # micro-batch per worker per step (before accumulation)
@@ -102,6 +104,9 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = 0
     precision: Precision = Precision.fp32
+    # bf16/fp16 as torch autocast over fp32 parameters (the authors' mixed precision); false keeps
+    # the parameters themselves in 16 bit (DeepSpeed's bf16/fp16 modes, less memory).
+    autocast: bool = True
     offload_optimizer: bool = False      # ZeRO-Offload of optimizer state to CPU (stages 1-3)
     offload_param: bool = False          # parameters to CPU (stage 3)
     overlap_comm: bool = True
@@ -160,6 +165,16 @@ class TokenizerRecipeConfig:
 class TokenizerTrainConfig(TrainConfigBase):
     model: TiTokConfig = field(default_factory=TiTokConfig)
     tokenizer: TokenizerRecipeConfig = field(default_factory=TokenizerRecipeConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.image_size != self.model.image_size:
+            raise ConfigError("data.image_size", f"{self.data.image_size} differs from model.image_size "
+                                                 f"{self.model.image_size}; set both")
+        stage1 = self.tokenizer.recipe == TokenizerRecipe.proxy_codes
+        if stage1 == self.model.finetune_decoder:
+            raise ConfigError("model.finetune_decoder",
+                              f"must be {str(not stage1).lower()} for tokenizer.recipe={self.tokenizer.recipe.value} "
+                              "(stage 1 predicts proxy codes; the pixel recipes decode to pixels)")
 
 
 @dataclass
