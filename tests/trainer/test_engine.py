@@ -1,0 +1,150 @@
+"""DeepSpeed wiring on one process (gloo): LR schedule, param groups, EMA, export/checkpoint layout."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import build_config
+from trainer.distributed import build_engine, deepspeed_config, param_groups, setup_worker
+from trainer.ema import ParamEMA, gather_full_state_dict
+from trainer.schema import GeneratorTrainConfig
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    """A real world-size-1 process group, as Ray Train would create for one worker."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield setup_worker(use_gpu=False)
+
+
+def _cfg(*overrides: str) -> GeneratorTrainConfig:
+    return build_config("generator", GeneratorTrainConfig, [
+        "trainer.max_steps=20", "trainer.batch_size_per_worker=4", "trainer.num_workers=1",
+        "deepspeed.precision=fp32", "optim.lr=1e-2", "optim.end_lr=1e-3", "optim.warmup_steps=5", *overrides])
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(self.embed(ids)))
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_end_lr(single_process_group) -> None:
+    cfg = _cfg()
+    torch.manual_seed(0)
+    engine = build_engine(Tiny(), cfg)
+    lr, end, warmup, total = 1e-2, 1e-3, 5, 20
+    used = []
+    for _ in range(total):
+        used.append(engine.optimizer.param_groups[0]["lr"])  # the LR this step will apply
+        loss = engine(torch.randint(0, 10, (4, 3))).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    for step, value in enumerate(used, start=1):
+        # Independent formula for the LR of optimizer step `step` (1-based).
+        if step <= warmup:
+            expected = lr * step / warmup
+        else:
+            progress = (step - warmup) / (total - warmup)
+            expected = end + (lr - end) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert value == pytest.approx(expected, rel=1e-9), step
+    assert used[0] == pytest.approx(lr / warmup) and used[-1] == pytest.approx(end)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings() -> None:
+    model = Tiny()
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {"proj.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} == {"embed.weight", "proj.bias", "norm.weight", "norm.bias"}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_zero_and_precision_map_to_deepspeed_config() -> None:
+    ds = deepspeed_config(_cfg("deepspeed.zero_stage=3", "deepspeed.precision=bf16", "trainer.grad_accum_steps=4",
+                               "deepspeed.offload_optimizer=true"))
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
+    native = deepspeed_config(_cfg("deepspeed.precision=bf16", "deepspeed.autocast=false"))
+    assert native["bf16"] == {"enabled": True} and "torch_autocast" not in native
+    assert deepspeed_config(_cfg())["optimizer"]["params"]["betas"] == [0.9, 0.96]
+
+
+def test_ema_follows_its_formula(single_process_group) -> None:
+    torch.manual_seed(1)
+    engine = build_engine(Tiny(), _cfg("optim.warmup_steps=0"))
+    ema = ParamEMA(engine.module, decay=0.9, warmup=False)
+    expected = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    for _ in range(3):
+        loss = engine(torch.randint(0, 10, (4, 3))).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        ema.update(engine.module)
+        for name, param in engine.module.named_parameters():
+            expected[name] = 0.9 * expected[name] + 0.1 * param.detach()
+    full = ema.full_state_dict(engine.module)
+    for name, value in expected.items():
+        torch.testing.assert_close(full[name], value, rtol=1e-6, atol=1e-7)
+    assert set(full) == set(engine.module.state_dict()), "buffers included, layout of state_dict"
+    # Warm-up: the first updates may not exceed (1 + n) / (10 + n).
+    warm = ParamEMA(engine.module, decay=0.999)
+    assert warm.current_decay() == pytest.approx(0.1)
+    # Round trip through state_dict.
+    clone = ParamEMA(engine.module, decay=0.9)
+    clone.load_state_dict(ema.state_dict())
+    assert clone.num_updates == 3
+    torch.testing.assert_close(clone.full_state_dict(engine.module), full)
+    torch.testing.assert_close(gather_full_state_dict(engine.module)["proj.weight"], engine.module.proj.weight)
+
+
+def test_exports_are_listed_only_when_complete(tmp_path: Path) -> None:
+    run_dir = str(tmp_path / "run")
+    state = {"w": torch.arange(6.0).view(2, 3)}
+    url = ckpt.write_export(run_dir, 7, state, {"model": {"x": 1}}, {"stage": "tokenizer"})
+    assert Path(url).name == "step_000000007"
+    incomplete = tmp_path / "run" / "exports" / "step_000000009"
+    incomplete.mkdir(parents=True)
+    (incomplete / "model.safetensors").write_bytes(b"partial")
+    exports = ckpt.list_exports(run_dir)
+    assert [e.step for e in exports] == [7]
+    assert exports[0].meta == {"step": 7, "stage": "tokenizer"}
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(str(Path(url) / "model.safetensors"))["w"], state["w"])
+
+
+def test_rng_state_round_trip(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    ckpt.save_rng(tmp_path, rank=0)
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    assert ckpt.load_rng(tmp_path, rank=0)
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(first[0], second[0])
+    assert np.array_equal(first[1], second[1]) and first[2] == second[2]
+    assert not ckpt.load_rng(tmp_path, rank=1)

@@ -1,0 +1,91 @@
+"""Exponential moving average of model weights, correct under every ZeRO stage.
+
+Without ZeRO-3 each rank's parameters are complete and the shadow is a full fp32 copy. Under ZeRO-3
+each rank owns one contiguous slice of every flattened parameter (``param.ds_tensor``); the shadow
+then holds only that slice, so the EMA costs no communication per step and 1/world of the memory.
+:meth:`full_state_dict` all-gathers the slices for an export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _local_view(param: torch.nn.Parameter) -> torch.Tensor:
+    """The values this rank holds: its ZeRO-3 partition, or the whole parameter."""
+    partition = getattr(param, "ds_tensor", None)
+    return partition if partition is not None else param.data
+
+
+class ParamEMA:
+    """EMA shadow of a module's parameters (fp32), updated after each optimizer step."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = True) -> None:
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.names = [name for name, _ in module.named_parameters()]
+        self.shadow = {name: _local_view(p).detach().float().clone() for name, p in module.named_parameters()}
+        self.sharded = any(hasattr(p, "ds_tensor") for p in module.parameters())
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        # Early averages would otherwise be dominated by the random initialisation.
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                self.shadow[name].lerp_(_local_view(param).float(), 1.0 - decay)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's shadow (a slice under ZeRO-3), plus the update count."""
+        return {**{f"shadow.{k}": v for k, v in self.shadow.items()},
+                "num_updates": torch.tensor(self.num_updates, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.names:
+            saved = state[f"shadow.{name}"]
+            if saved.shape != self.shadow[name].shape:
+                raise ValueError(f"EMA shape mismatch for {name}: {tuple(saved.shape)} vs "
+                                 f"{tuple(self.shadow[name].shape)} (resumed with a different world size?)")
+            self.shadow[name].copy_(saved)
+        self.num_updates = int(state["num_updates"])
+
+    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Full fp32 EMA weights (plus buffers) in the module's state_dict layout, on every rank.
+
+        Collective under ZeRO-3: every rank must call it.
+        """
+        return gather_full_state_dict(module, self.shadow)
+
+
+@torch.no_grad()
+def gather_full_state_dict(module: torch.nn.Module,
+                           local_values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The module's full state_dict in fp32 on every rank, from each rank's local parameter views.
+
+    ``local_values`` replaces the parameters' own local views (the EMA shadow does this). Under
+    ZeRO-3 the equal-sized, rank-ordered slices are all-gathered and concatenated, which rebuilds
+    each flattened parameter; elsewhere the local view is already the whole parameter. Collective
+    under ZeRO-3.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        local = (local_values[name] if local_values is not None else _local_view(param)).float()
+        if hasattr(param, "ds_tensor"):
+            world = dist.get_world_size()
+            gathered = torch.empty(local.numel() * world, dtype=local.dtype, device=local.device)
+            dist.all_gather(list(gathered.view(world, -1).unbind(0)), local.contiguous())
+            out[name] = gathered[: param.ds_numel].view(param.ds_shape).cpu().clone()
+        else:
+            out[name] = local.cpu().clone()
+    for name, buf in module.named_buffers():
+        out[name] = buf.detach().cpu().clone()
+    persistent = set(module.state_dict().keys())
+    return {k: v for k, v in out.items() if k in persistent}
