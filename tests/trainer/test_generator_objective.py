@@ -1,0 +1,93 @@
+"""MaskGIT objective pieces and the token stream, checked against direct computations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from trainer.stages.generator import batch_generator, cosine_mask_ratio, masked_token_loss, random_masking
+from trainer.token_data import EpochPermutations, load_token_dataset, sample_indices, token_batches
+
+
+def test_cosine_schedule() -> None:
+    t = torch.tensor([0.0, 0.5, 1.0, 0.25])
+    expected = [1.0, math.acos(0.5) / (math.pi / 2), 1e-6, math.acos(0.25) / (math.pi / 2)]
+    assert cosine_mask_ratio(t).tolist() == pytest.approx(expected)
+
+
+def test_random_masking_counts_and_determinism() -> None:
+    tokens = torch.randint(0, 100, (64, 32))
+    masked, mask = random_masking(tokens, mask_id=100, generator=batch_generator(0, 1, 5))
+    # Recompute the counts from the same draws, independently of the implementation.
+    g = batch_generator(0, 1, 5)
+    ratio = (torch.arccos(torch.rand(64, generator=g)) / (math.pi / 2)).clamp(1e-6, 1)
+    expected_counts = torch.clamp(torch.round(32 * ratio), min=1)
+    assert torch.equal(mask.sum(1), expected_counts.long())
+    assert torch.equal(masked[mask], torch.full((int(mask.sum()),), 100))
+    assert torch.equal(masked[~mask], tokens[~mask])
+    again, again_mask = random_masking(tokens, 100, batch_generator(0, 1, 5))
+    assert torch.equal(again, masked) and torch.equal(again_mask, mask)
+    other, _ = random_masking(tokens, 100, batch_generator(0, 1, 6))
+    assert not torch.equal(other, masked)
+    # On average the schedule masks E[arccos(t)] / (pi/2) = 1 / (pi/2) = 2/pi of the tokens.
+    many = random_masking(torch.zeros(4000, 32, dtype=torch.long), 1, batch_generator(1, 0, 0))[1]
+    assert many.float().mean().item() == pytest.approx(2 / math.pi, abs=0.02)
+
+
+def test_masked_token_loss_matches_formula() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7)
+    targets = torch.randint(0, 7, (3, 5))
+    mask = torch.rand(3, 5) < 0.5
+    mask[:, 0] = True
+    eps, w_visible = 0.1, 0.1
+    loss, accuracy = masked_token_loss(logits, targets, mask, eps, w_visible)
+    logp = logits.log_softmax(-1)
+    per = -(1 - eps) * logp.gather(-1, targets[..., None]).squeeze(-1) - eps * logp.mean(-1)
+    weights = torch.where(mask, 1.0, w_visible)
+    assert loss.item() == pytest.approx(((per * weights).sum() / weights.sum()).item(), rel=1e-6)
+    hits = (logits.argmax(-1) == targets) & mask
+    assert accuracy.item() == pytest.approx((hits.sum(1) / mask.sum(1)).float().mean().item())
+
+
+def _write_tokens(root: Path, rows: int, width: int = 4) -> None:
+    root.mkdir(parents=True)
+    tokens = np.arange(rows * width, dtype=np.uint16).reshape(rows, width)
+    half = rows // 2
+    for shard, sl in enumerate([slice(0, half), slice(half, rows)]):
+        table = pa.table({
+            "key": [f"img{i:04d}" for i in range(rows)][sl],
+            "label": pa.array(np.arange(rows, dtype=np.int32)[sl] % 3),
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens[sl].reshape(-1)), width),
+            "flip": pa.array(np.zeros(rows, dtype=bool)[sl]),
+        })
+        pq.write_table(table, root / f"tokens-{shard:06d}.parquet")
+
+
+def test_token_dataset_and_stream(tmp_path: Path) -> None:
+    _write_tokens(tmp_path / "tok", rows=10)
+    data = load_token_dataset(str(tmp_path / "tok"))
+    assert data.tokens.shape == (10, 4) and data.keys[3] == "img0003" and data.labels.tolist()[:4] == [0, 1, 2, 0]
+    assert data.tokens[7].tolist() == [28, 29, 30, 31]
+    perms = EpochPermutations(10, seed=3)
+    # Two ranks x batch 2: within an epoch of 10 samples, batches 0-1 of both ranks are disjoint.
+    seen = torch.cat([sample_indices(perms, 2, r, 2, b) for b in range(2) for r in range(2)])
+    assert len(set(seen.tolist())) == 8
+    # Batch 2 straddles epochs 0 and 1: its first part completes epoch 0's permutation.
+    straddle = sample_indices(perms, 2, 0, 2, 2)
+    assert straddle[0].item() in set(range(10)) - set(seen.tolist())
+    # Resuming at batch 3 yields what the uninterrupted stream yields there.
+    full = token_batches("", 2, 1, 2, seed=3, dataset=data)
+    uninterrupted = [next(full) for _ in range(6)]
+    resumed = token_batches("", 2, 1, 2, seed=3, start_batch=3, dataset=data)
+    for expected in uninterrupted[3:]:
+        got = next(resumed)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(FileNotFoundError, match="pretokenize"):
+        load_token_dataset(str(tmp_path / "missing"))
