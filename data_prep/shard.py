@@ -1,0 +1,293 @@
+"""ImageNet -> WebDataset shards on a local folder or S3, one Ray task per shard.
+
+    python data_prep/shard.py input=/data/imagenet output=s3://bucket/imagenet-wds split=train
+    python data_prep/shard.py input=/data/imagenet output=s3://bucket/imagenet-wds split=train mode=verify
+
+Reads extracted folders, a flat validation folder with its labels file, or the original
+ILSVRC2012_img_{train,val}.tar archives in place. Writes <output>/<split>-NNNNNN.tar (samples shuffled
+across shards with the seed) and <output>/manifest/<split>.parquet, <split>_rejected.parquet,
+<split>_shards.parquet. Re-running skips complete shards (size and sha256 checked against their
+records), redoes the rest and ends with the same bytes as an uninterrupted run; bad inputs are
+rejected with a reason, never fatal. RAY_ADDRESS selects a cluster; otherwise Ray starts locally.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python data_prep/shard.py`: import from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from cluster import storage  # noqa: E402
+from data_prep import manifest  # noqa: E402
+from data_prep.schema import ResumeCheck, ShardConfig, ShardMode  # noqa: E402
+from data_prep.shard_plan import fingerprint, plan_shards  # noqa: E402
+from data_prep.shard_writer import ShardOptions, ensure_shard, shard_url, verify_shard  # noqa: E402
+from data_prep.sources import InputError, list_split  # noqa: E402
+
+EXIT_INPUT_ERROR = 2
+EXIT_FAILED = 1
+# What a Ray worker on another node needs to reach the same storage (credentials come from the
+# node's own chain: instance role, profile or its environment).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "TITOK_S3_MULTIPART_THRESHOLD", "TITOK_S3_MULTIPART_CHUNKSIZE")
+
+
+@dataclass
+class ShardReport:
+    """What a write run did; ``line()`` is the summary printed at the end."""
+
+    split: str
+    output: str
+    samples: int = 0
+    rejected: int = 0
+    bytes: int = 0
+    shards: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    listing_s: float = 0.0
+    ray_start_s: float = 0.0
+    tasks_s: float = 0.0        # first shard task start to last shard task end (steady state)
+    total_s: float = 0.0
+    written_images: int = 0     # images in the shards written by this run (not skipped)
+    written_bytes: int = 0
+
+    def line(self) -> str:
+        rate = self.written_images / self.tasks_s if self.tasks_s > 0 else 0.0
+        mbps = self.written_bytes / self.tasks_s / 1e6 if self.tasks_s > 0 else 0.0
+        status = f"; FAILED shards: {', '.join(self.failed)} (re-run to retry)" if self.failed else ""
+        return (f"shard {self.split}: {self.samples} samples written, {self.rejected} rejected, "
+                f"{self.bytes / 1e6:.1f} MB in {self.shards} shards ({self.shards_written} written, "
+                f"{self.shards_skipped} already complete) -> {self.output}; {self.total_s:.1f} s total "
+                f"(listing {self.listing_s:.1f} s, Ray start {self.ray_start_s:.1f} s), "
+                f"{rate:.0f} images/s, {mbps:.1f} MB/s over {self.tasks_s:.1f} s of shard tasks{status}")
+
+
+@dataclass
+class VerifyReport:
+    split: str
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        verdict = "OK" if not self.problems else f"{len(self.problems)} problem(s)"
+        return f"verify {self.split}: {self.shards} shards, {self.samples} samples: {verdict}"
+
+
+class PlanMismatch(InputError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+
+
+def connect_ray() -> float:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray; returns the seconds it took (0 if connected)."""
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    start = time.time()
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
+    ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True,
+             configure_logging=False, **kwargs)
+    return time.time() - start
+
+
+def _run_tasks(fn, args_list: list[tuple], workers: int, on_done) -> list[tuple[int, Any, BaseException | None]]:
+    """Run ``fn(*args)`` as Ray tasks, at most ``workers`` in flight (bounded memory); ``on_done(i, result)``
+    is called as each finishes. Returns (index, result, error) in index order."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    pending: dict[Any, int] = {}
+    results: list[tuple[int, Any, BaseException | None]] = []
+    queue = list(range(len(args_list)))
+    queue.reverse()
+    while queue or pending:
+        while queue and len(pending) < workers:
+            i = queue.pop()
+            pending[remote.remote(*args_list[i])] = i
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            i = pending.pop(ref)
+            try:
+                result, error = ray.get(ref), None
+            except Exception as err:  # noqa: BLE001 - reported per shard; the other shards go on
+                result, error = None, err
+            results.append((i, result, error))
+            on_done(i, result, error)
+    return sorted(results, key=lambda r: r[0])
+
+
+def _concurrency(cfg: ShardConfig) -> int:
+    import ray
+
+    return cfg.workers or max(1, int(ray.available_resources().get("CPU", ray.cluster_resources().get("CPU", 1))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Write
+
+
+def _settings(cfg: ShardConfig) -> dict[str, Any]:
+    """The settings that decide shard bytes (part of the plan fingerprint)."""
+    return {"split": cfg.split.value, "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard,
+            "shard_max_mb": cfg.shard_max_mb, "full_decode": cfg.full_decode, "resize": cfg.resize,
+            "jpeg_quality": cfg.jpeg_quality}
+
+
+def _absolute(url: str) -> str:
+    return url if storage.is_remote(url) else os.path.abspath(url)
+
+
+def _remove_stale_temp_files(output: str, split: str) -> None:
+    """Temp files of a killed run (local output only: S3 uploads are atomic without them)."""
+    if storage.is_remote(output):
+        return
+    pattern = re.compile(rf"^\.{re.escape(split)}-\d{{6}}\.(tar|json)\..*\.tmp$")
+    for folder in (Path(output), Path(output, "manifest", "parts")):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if pattern.match(path.name):
+                    path.unlink(missing_ok=True)
+
+
+def write(cfg: ShardConfig) -> ShardReport:
+    """Plan, write (or keep) every shard, then the manifests. Raises :class:`InputError` for unusable input."""
+    from tqdm import tqdm
+
+    begin = time.time()
+    output, split = _absolute(cfg.output), cfg.split.value
+    report = ShardReport(split, output)
+    listing = list_split(cfg.input, split, labels=cfg.labels, synsets=cfg.synsets)
+    settings = _settings(cfg)
+    plan_fingerprint = fingerprint(listing.items, settings)
+    previous = manifest.read_plan(output, split)
+    if previous is not None and previous["fingerprint"] != plan_fingerprint:
+        what = ("settings " + ", ".join(f"{k}: {previous['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
+                                        if previous["settings"].get(k) != v)
+                if previous.get("settings") != settings else "the input listing")
+        raise PlanMismatch(f"{output} already holds split '{split}' sharded differently ({what} changed); "
+                           f"use a new output, or delete the old shards and {manifest.plan_url(output, split)}")
+    specs = plan_shards(listing.items, split, cfg.seed, cfg.samples_per_shard, int(cfg.shard_max_mb * 1e6))
+    listing_rejected = [r.row() for r in listing.rejected]
+    storage.ensure_bucket(output)
+    manifest.write_plan(output, split, {"fingerprint": plan_fingerprint, "settings": settings, "form": listing.form,
+                                        "items": len(listing.items), "shards": len(specs),
+                                        "listing_rejected": listing_rejected})
+    report.listing_s = time.time() - begin
+    _remove_stale_temp_files(output, split)
+
+    report.ray_start_s = connect_ray()
+    options = ShardOptions(output=output, split=split, fingerprint=plan_fingerprint, full_decode=cfg.full_decode,
+                           resize=cfg.resize, jpeg_quality=cfg.jpeg_quality,
+                           verify_checksum=cfg.resume_check == ResumeCheck.checksum)
+    bar = tqdm(total=len(listing.items), unit="img", disable=not cfg.progress, desc=f"shard {split}",
+               file=sys.stderr, smoothing=0.1)
+
+    def on_done(i: int, record: dict | None, error: BaseException | None) -> None:
+        bar.update(len(specs[i].items))
+        if error is not None:
+            bar.write(f"shard {specs[i].name} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+
+    results = _run_tasks(ensure_shard, [(spec, options) for spec in specs], _concurrency(cfg), on_done)
+    bar.close()
+    records = [r for _, r, e in results if e is None]
+    report.failed = [specs[i].name for i, _, e in results if e is not None]
+    report.shards = len(specs)
+    report.shards_skipped = sum(r["skipped"] for r in records)
+    report.shards_written = len(records) - report.shards_skipped
+    report.samples = sum(len(r["samples"]) for r in records)
+    report.rejected = len(listing_rejected) + sum(len(r["rejected"]) for r in records)
+    report.bytes = sum(r["bytes"] for r in records)
+    written = [r for r in records if not r["skipped"]]
+    report.written_images = sum(len(r["samples"]) + len(r["rejected"]) for r in written)
+    report.written_bytes = sum(r["bytes"] for r in written)
+    if written:
+        report.tasks_s = max(r["end"] for r in written) - min(r["start"] for r in written)
+    if not report.failed:
+        for r in records:
+            for key in ("skipped", "start", "end"):
+                r.pop(key, None)
+        manifest.write_manifests(output, split, records, listing_rejected)
+    report.total_s = time.time() - begin
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Verify
+
+
+def verify(cfg: ShardConfig) -> VerifyReport:
+    """Re-read every shard of the split and compare it with the manifests."""
+    output, split = _absolute(cfg.output), cfg.split.value
+    if not storage.exists(manifest.shards_url(output, split)):
+        raise InputError(f"no manifest for split '{split}' under {output} (write the shards first)")
+    shards = manifest.read_table(manifest.shards_url(output, split)).to_pylist()
+    rows_by_shard: dict[str, list[dict]] = {s["shard"]: [] for s in shards}
+    for row in manifest.read_table(manifest.samples_url(output, split)).to_pylist():
+        rows_by_shard.setdefault(row["shard"], []).append(row)
+    report = VerifyReport(split, shards=len(shards), samples=sum(len(v) for v in rows_by_shard.values()))
+    listed = {s["shard"] for s in shards}
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$")
+    prefix = output.rstrip("/") + "/"
+    for info in storage.list_files(output):
+        rel = info.url[len(prefix):] if info.url.startswith(prefix) else info.url
+        if pattern.match(rel) and rel not in listed:
+            report.problems.append(f"{rel}: shard on storage but not in the manifest")
+    for name in sorted(set(rows_by_shard) - listed):
+        report.problems.append(f"{name}: in the sample manifest but not in {split}_shards.parquet")
+
+    connect_ray()
+    args = [(shard_url(output, s["shard"]), s["bytes"], s["sha256"], rows_by_shard[s["shard"]]) for s in shards]
+    for i, problems, error in _run_tasks(verify_shard, args, _concurrency(cfg), lambda *a: None):
+        if error is not None:
+            report.problems.append(f"{shards[i]['shard']}: verification failed ({type(error).__name__}: {error})")
+        else:
+            report.problems.extend(problems)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python data_prep/shard.py key=value ...``; ``--help`` prints every setting."""
+    from cluster.local import apply_service_env
+    from trainer.config import load_config
+
+    cfg = load_config("shard", ShardConfig, argv, description=__doc__)
+    apply_service_env()
+    try:
+        if cfg.mode == ShardMode.verify:
+            result = verify(cfg)
+            for problem in result.problems:
+                print(problem)
+            print(result.line(), flush=True)
+            return EXIT_FAILED if result.problems else 0
+        report = write(cfg)
+    except InputError as err:
+        print(f"shard: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    print(report.line(), flush=True)
+    return EXIT_FAILED if report.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["ShardReport", "VerifyReport", "write", "verify", "connect_ray", "main"]
