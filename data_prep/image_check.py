@@ -21,6 +21,9 @@ from data_prep.sources import Reason
 _EOI = b"\xff\xd9"
 _EOI_SEARCH_BYTES = 1024
 STORED_JPEG_MODES = ("RGB", "L")
+# Magic numbers of JPEG, PNG, GIF, BMP, TIFF: a file that starts like an image but does not parse is
+# damaged ("unreadable"), anything else is "not an image".
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 
 
 class RejectedImage(Exception):
@@ -58,6 +61,8 @@ def prepare_image(data: bytes, *, full_decode: bool = False, resize: int | None 
         image = Image.open(io.BytesIO(data))
         fmt, mode, (width, height) = image.format, image.mode, image.size
     except UnidentifiedImageError:
+        if data.startswith(_IMAGE_SIGNATURES) or data[8:12] == b"WEBP":
+            raise RejectedImage(Reason.UNREADABLE, "image signature but a damaged header") from None
         raise RejectedImage(Reason.NOT_AN_IMAGE, "not a format PIL recognises") from None
     except Exception as err:  # noqa: BLE001 - any parser failure means the file is unusable
         raise RejectedImage(Reason.UNREADABLE, _describe(err)) from None
@@ -86,7 +91,8 @@ def prepare_image(data: bytes, *, full_decode: bool = False, resize: int | None 
     if shrink:
         rgb = rgb.resize(target, Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=jpeg_quality)
+    # 4:4:4 chroma: a converted image should lose no more than the re-encoding has to.
+    rgb.save(out, format="JPEG", quality=jpeg_quality, subsampling=0)
     return StoredImage(out.getvalue(), rgb.width, rgb.height, converted=convert, resized=shrink)
 
 

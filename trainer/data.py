@@ -38,6 +38,7 @@ import concurrent.futures
 import fnmatch
 import io
 import logging
+import os
 import re
 import tarfile
 from dataclasses import asdict, dataclass, fields
@@ -84,11 +85,13 @@ class ReadCounters:
 # Shard lists and counts
 
 
-def expand_shard_urls(shards: str | Sequence[str]) -> list[str]:
+def expand_shard_urls(shards: str | os.PathLike | Sequence[str]) -> list[str]:
     """Shard URLs from a brace pattern (``train-{000000..000009}.tar``), a glob (``dir/train-*.tar``),
     one ``.tar``, a directory/prefix holding one split's shards, or a list of any of these."""
     from webdataset.shardlists import expand_urls
 
+    if isinstance(shards, os.PathLike):
+        shards = os.fspath(shards)
     if not isinstance(shards, str):
         return sorted({url for item in shards for url in expand_shard_urls(item)})
     urls: list[str] = []
