@@ -285,9 +285,18 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     return pixels[top:top + size, left:left + size]
 
 
-def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """[B, H, W, 3] uint8 -> [B, 3, H, W] float32 in [0, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+def _pixel_buffer(batch_size: int, size: int, shared: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """A [B, H, W, 3] uint8 batch buffer (tensor and numpy view). In a loader worker it lives in
+    shared memory from the start, so handing it to the main process copies nothing."""
+    images = torch.empty((batch_size, size, size, 3), dtype=torch.uint8)
+    if shared:
+        images.share_memory_()
+    return images, images.numpy()
+
+
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> contiguous [B, 3, H, W] float32 in [0, 1] (``ToTensor``'s x / 255)."""
+    return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +413,8 @@ class ImageShardStream:
             if any(problems.values()):
                 self.counters.add(problems)
                 log.warning("data problems so far (rank %d): %s", self.rank, asdict(self.counters))
-            yield batch
+            # Workers ship uint8 (a quarter of the bytes); the float conversion happens here, once.
+            yield batch._replace(images=to_float_images(batch.images))
 
     def __iter__(self) -> Iterator[ImageBatch]:
         return self.iter_batches(0)
@@ -449,10 +459,11 @@ class ImageShardStream:
         problems = ReadCounters()
         samples = self._train_samples(plan, stream, first_batch * self.batch_size, problems)
         size, batch_size = self.image_size, self.batch_size
+        shared = torch.utils.data.get_worker_info() is not None
         previous: ImageBatch | None = None
         reported: dict[str, int] = {}
         while True:
-            pixels = np.empty((batch_size, size, size, 3), np.uint8)
+            images, pixels = _pixel_buffer(batch_size, size, shared)
             labels = np.empty(batch_size, np.int64)
             keys = [""] * batch_size
             good = []
@@ -481,26 +492,32 @@ class ImageShardStream:
                 for n, b in enumerate(sorted(set(range(batch_size)) - set(good))):
                     source = good[n % len(good)]
                     pixels[b], labels[b], keys[b] = pixels[source], labels[source], keys[source]
-                batch = ImageBatch(_to_tensor(pixels), torch.from_numpy(labels), keys)
+                batch = ImageBatch(images, torch.from_numpy(labels), keys)
             previous = batch
             totals = asdict(problems)  # cumulative for this stream; the batch carries the increase
             yield batch, {name: value - reported.get(name, 0) for name, value in totals.items()}
             reported = totals
 
     def _eval_batches(self, stream: int) -> Iterator[tuple[ImageBatch, dict]]:
-        """This stream's samples in shard order (shard-level split, or every ``S``-th sample)."""
-        streams, size = self.num_streams, self.image_size
+        """This stream's samples in shard order (shard-level split, or every ``S``-th sample).
+
+        A finished batch is held back until the next one is full, so that problems met after the
+        last batch still reach the main process with it."""
+        streams, size, batch_size = self.num_streams, self.image_size, self.batch_size
+        shared = torch.utils.data.get_worker_info() is not None
         shard_level = len(self.urls) >= streams
         urls = self.urls[stream::streams] if shard_level else self.urls
         problems = ReadCounters()
-        pixels, labels, keys = [], [], []
+        held: tuple[torch.Tensor, list[int], list[str]] | None = None
+        images, pixels = _pixel_buffer(batch_size, size, shared)
+        labels: list[int] = []
+        keys: list[str] = []
         before = 0  # samples in the shards before this one (sample-level split)
 
-        def flush():
-            nonlocal pixels, labels, keys, problems
-            batch = ImageBatch(_to_tensor(np.stack(pixels)), torch.tensor(labels, dtype=torch.int64), keys)
-            out = (batch, asdict(problems))
-            pixels, labels, keys, problems = [], [], [], ReadCounters()
+        def emit(batch: tuple[torch.Tensor, list[int], list[str]]) -> tuple[ImageBatch, dict]:
+            nonlocal problems
+            out = ImageBatch(batch[0], torch.tensor(batch[1], dtype=torch.int64), batch[2]), asdict(problems)
+            problems = ReadCounters()
             return out
 
         for url in urls:
@@ -513,16 +530,18 @@ class ImageShardStream:
                         continue
                     try:
                         label = int(files["cls"])
-                        crop = center_crop(decode_resized(_image_of(files), size, self.draft), size)  # type: ignore[arg-type]
+                        pixels[len(keys)] = center_crop(decode_resized(_image_of(files), size, self.draft), size)  # type: ignore[arg-type]
                     except Exception as err:  # noqa: BLE001
                         problems.corrupt_samples += 1
                         log.warning("sample %s undecodable (%s: %s); skipped", key, type(err).__name__, err)
                         continue
-                    pixels.append(crop)
                     labels.append(label)
                     keys.append(key)
-                    if len(keys) == self.batch_size:
-                        yield flush()
+                    if len(keys) == batch_size:
+                        if held is not None:
+                            yield emit(held)
+                        held, labels, keys = (images, labels, keys), [], []
+                        images, pixels = _pixel_buffer(batch_size, size, shared)
             except Exception as err:  # noqa: BLE001
                 if seen == 0:
                     problems.unreadable_shards += 1
@@ -531,9 +550,13 @@ class ImageShardStream:
                 log.warning("shard %s unreadable after %d samples (%s: %s)", url, seen, type(err).__name__, err)
             before += seen
         if keys:
-            yield flush()
+            if held is not None:
+                yield emit(held)
+            held = (images[:len(keys)], labels, keys)
+        if held is not None:
+            yield emit(held)
         elif problems.any():
-            log.warning("stream %d ended with data problems: %s", stream, asdict(problems))
+            log.warning("stream %d yielded no image; its data problems: %s", stream, asdict(problems))
 
 
 class _LoaderDataset(torch.utils.data.IterableDataset):

@@ -165,3 +165,26 @@ def test_sha_of_listed_bytes_matches_sources(demo_tree):
         for item in listing.items:
             assert hashlib.sha256(reader.read(item)).digest() == hashlib.sha256(
                 (demo_tree.root / item.name).read_bytes()).digest()
+
+
+def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
+    """The shard writer skips tarfile's buffering layer; its bytes must equal tarfile's own output."""
+    import tarfile
+
+    from data_prep.shard_writer import _HashingWriter, _member, _TarWriter
+
+    members = [("a_1.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("a_1.cls", b"17"), ("a_1.json", b"{}"),
+               ("b" * 120 + ".jpg", b"x" * 512)]  # a name longer than a ustar header holds
+    with open(tmp_path / "ours.tar", "wb") as f:
+        out = _HashingWriter(f)
+        writer = _TarWriter(out)
+        offsets = [writer.add(name, data) for name, data in members]
+        writer.close()
+    with tarfile.open(tmp_path / "reference.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(_member(name, len(data)), io.BytesIO(data))
+    ours = (tmp_path / "ours.tar").read_bytes()
+    assert ours == (tmp_path / "reference.tar").read_bytes()
+    assert out.size == len(ours) and out.sha256.hexdigest() == hashlib.sha256(ours).hexdigest()
+    for (name, data), offset in zip(members, offsets):
+        assert ours[offset:offset + len(data)] == data
