@@ -39,8 +39,10 @@ def build_shards(tree: Path, output: Path, resize: int | None, samples_per_shard
     listing = list_split(str(tree), "train")
     options = ShardOptions(output=str(output), split="train", fingerprint=fingerprint(listing.items, {"resize": resize}),
                            resize=resize)
-    records = [ensure_shard(spec, options) for spec in plan_shards(listing.items, "train", 0, samples_per_shard)]
-    manifest.write_manifests(str(output), "train", records, [])
+    specs = plan_shards(listing.items, "train", 0, samples_per_shard)
+    for spec in specs:
+        ensure_shard(spec, options)
+    manifest.write_manifests(str(output), "train", len(specs), [])
 
 
 def plain_pil_rate(paths: list[Path], size: int, seconds: float = 4.0) -> float:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,6 +28,7 @@ SAMPLE_SCHEMA = pa.schema([
 ])
 REJECTED_SCHEMA = pa.schema([("source", pa.string()), ("wnid", pa.string()), ("reason", pa.string()),
                              ("detail", pa.string())])
+ROW_GROUP_ROWS = 100_000
 SHARD_SCHEMA = pa.schema([("shard", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()),
                           ("sha256", pa.string())])
 
@@ -62,14 +64,37 @@ def read_table(url: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(url)))
 
 
-def write_manifests(output: str, split: str, records: list[dict[str, Any]], listing_rejected: list[dict[str, Any]]) -> None:
-    """Assemble the three parquet manifests from the shard records (in shard order)."""
-    records = sorted(records, key=lambda r: r["index"])
-    _write_table(samples_url(output, split), (s for r in records for s in r["samples"]), SAMPLE_SCHEMA)
-    rejected = sorted(listing_rejected + [x for r in records for x in r["rejected"]], key=lambda x: x["source"])
-    _write_table(rejected_url(output, split), rejected, REJECTED_SCHEMA)
-    _write_table(shards_url(output, split), ({"shard": r["shard"], "samples": len(r["samples"]), "bytes": r["bytes"],
-                                              "sha256": r["sha256"]} for r in records), SHARD_SCHEMA)
+def read_records(output: str, split: str, count: int, threads: int = 8) -> Iterator[dict[str, Any]]:
+    """The shard records ``parts/<split>-000000.json ...`` in shard order (fetched a few at a time)."""
+    from data_prep.shard_writer import record_url
+
+    def fetch(index: int) -> dict[str, Any]:
+        return json.loads(storage.read_bytes(record_url(output, split, index)))
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, count, 4 * threads):  # bounded look-ahead: memory stays at a few records
+            yield from pool.map(fetch, range(start, min(count, start + 4 * threads)))
+
+
+def write_manifests(output: str, split: str, shard_count: int, listing_rejected: list[dict[str, Any]]) -> None:
+    """Assemble the three parquet manifests from the shard records, streaming one record at a time."""
+    rejected = list(listing_rejected)
+    shards = []
+    with storage.open_write(samples_url(output, split)) as f, \
+            pq.ParquetWriter(f, SAMPLE_SCHEMA, compression="zstd") as writer:
+        batch: list[dict[str, Any]] = []
+        for record in read_records(output, split, shard_count):
+            batch.extend(record["samples"])
+            rejected.extend(record["rejected"])
+            shards.append({"shard": record["shard"], "samples": len(record["samples"]), "bytes": record["bytes"],
+                           "sha256": record["sha256"]})
+            if len(batch) >= ROW_GROUP_ROWS:
+                writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
+                batch = []
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
+    _write_table(rejected_url(output, split), sorted(rejected, key=lambda x: x["source"]), REJECTED_SCHEMA)
+    _write_table(shards_url(output, split), shards, SHARD_SCHEMA)
 
 
 def read_plan(output: str, split: str) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from cluster import storage  # noqa: E402
 from data_prep import manifest  # noqa: E402
 from data_prep.schema import ResumeCheck, ShardConfig, ShardMode  # noqa: E402
 from data_prep.shard_plan import fingerprint, plan_shards  # noqa: E402
-from data_prep.shard_writer import ShardOptions, ensure_shard, shard_url, verify_shard  # noqa: E402
+from data_prep.shard_writer import ShardOptions, ShardOutcome, ensure_shard, shard_url, verify_shard  # noqa: E402
 from data_prep.sources import InputError, list_split  # noqa: E402
 
 EXIT_INPUT_ERROR = 2
@@ -105,20 +105,20 @@ def connect_ray() -> float:
     return time.time() - start
 
 
-def _run_tasks(fn, args_list: list[tuple], workers: int, on_done) -> list[tuple[int, Any, BaseException | None]]:
-    """Run ``fn(*args)`` as Ray tasks, at most ``workers`` in flight (bounded memory); ``on_done(i, result)``
-    is called as each finishes. Returns (index, result, error) in index order."""
+def _run_tasks(fn, count: int, make_args, workers: int, on_done) -> list[tuple[int, Any, BaseException | None]]:
+    """Run ``fn(*make_args(i))`` for ``i < count`` as Ray tasks, at most ``workers`` in flight (arguments
+    are built only when submitted, so memory stays bounded); ``on_done(i, result, error)`` is called as
+    each finishes. Returns (index, result, error) in index order."""
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
     pending: dict[Any, int] = {}
     results: list[tuple[int, Any, BaseException | None]] = []
-    queue = list(range(len(args_list)))
-    queue.reverse()
-    while queue or pending:
-        while queue and len(pending) < workers:
-            i = queue.pop()
-            pending[remote.remote(*args_list[i])] = i
+    next_index = 0
+    while next_index < count or pending:
+        while next_index < count and len(pending) < workers:
+            pending[remote.remote(*make_args(next_index))] = next_index
+            next_index += 1
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             i = pending.pop(ref)
@@ -197,31 +197,28 @@ def write(cfg: ShardConfig) -> ShardReport:
     bar = tqdm(total=len(listing.items), unit="img", disable=not cfg.progress, desc=f"shard {split}",
                file=sys.stderr, smoothing=0.1)
 
-    def on_done(i: int, record: dict | None, error: BaseException | None) -> None:
+    def on_done(i: int, outcome: ShardOutcome | None, error: BaseException | None) -> None:
         bar.update(len(specs[i].items))
         if error is not None:
             bar.write(f"shard {specs[i].name} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
 
-    results = _run_tasks(ensure_shard, [(spec, options) for spec in specs], _concurrency(cfg), on_done)
+    results = _run_tasks(ensure_shard, len(specs), lambda i: (specs[i], options), _concurrency(cfg), on_done)
     bar.close()
-    records = [r for _, r, e in results if e is None]
+    outcomes: list[ShardOutcome] = [r for _, r, e in results if e is None]
     report.failed = [specs[i].name for i, _, e in results if e is not None]
     report.shards = len(specs)
-    report.shards_skipped = sum(r["skipped"] for r in records)
-    report.shards_written = len(records) - report.shards_skipped
-    report.samples = sum(len(r["samples"]) for r in records)
-    report.rejected = len(listing_rejected) + sum(len(r["rejected"]) for r in records)
-    report.bytes = sum(r["bytes"] for r in records)
-    written = [r for r in records if not r["skipped"]]
-    report.written_images = sum(len(r["samples"]) + len(r["rejected"]) for r in written)
-    report.written_bytes = sum(r["bytes"] for r in written)
+    report.shards_skipped = sum(o.skipped for o in outcomes)
+    report.shards_written = len(outcomes) - report.shards_skipped
+    report.samples = sum(o.samples for o in outcomes)
+    report.rejected = len(listing_rejected) + sum(o.rejected for o in outcomes)
+    report.bytes = sum(o.bytes for o in outcomes)
+    written = [o for o in outcomes if not o.skipped]
+    report.written_images = sum(o.samples + o.rejected for o in written)
+    report.written_bytes = sum(o.bytes for o in written)
     if written:
-        report.tasks_s = max(r["end"] for r in written) - min(r["start"] for r in written)
+        report.tasks_s = max(o.end for o in written) - min(o.start for o in written)
     if not report.failed:
-        for r in records:
-            for key in ("skipped", "start", "end"):
-                r.pop(key, None)
-        manifest.write_manifests(output, split, records, listing_rejected)
+        manifest.write_manifests(output, split, len(specs), listing_rejected)
     report.total_s = time.time() - begin
     return report
 
@@ -236,10 +233,17 @@ def verify(cfg: ShardConfig) -> VerifyReport:
     if not storage.exists(manifest.shards_url(output, split)):
         raise InputError(f"no manifest for split '{split}' under {output} (write the shards first)")
     shards = manifest.read_table(manifest.shards_url(output, split)).to_pylist()
-    rows_by_shard: dict[str, list[dict]] = {s["shard"]: [] for s in shards}
-    for row in manifest.read_table(manifest.samples_url(output, split)).to_pylist():
-        rows_by_shard.setdefault(row["shard"], []).append(row)
-    report = VerifyReport(split, shards=len(shards), samples=sum(len(v) for v in rows_by_shard.values()))
+    samples = manifest.read_table(manifest.samples_url(output, split))
+    # Rows are in shard order: each shard is one contiguous slice, turned into dicts only when its
+    # task is submitted.
+    names = samples.column("shard").to_pylist()
+    slices: dict[str, tuple[int, int]] = {}
+    for position, name in enumerate(names):
+        first, length = slices.get(name, (position, 0))
+        if first + length != position:
+            raise InputError(f"{manifest.samples_url(output, split)}: rows of {name} are not contiguous")
+        slices[name] = (first, length + 1)
+    report = VerifyReport(split, shards=len(shards), samples=len(names))
     listed = {s["shard"] for s in shards}
     pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.tar$")
     prefix = output.rstrip("/") + "/"
@@ -247,12 +251,16 @@ def verify(cfg: ShardConfig) -> VerifyReport:
         rel = info.url[len(prefix):] if info.url.startswith(prefix) else info.url
         if pattern.match(rel) and rel not in listed:
             report.problems.append(f"{rel}: shard on storage but not in the manifest")
-    for name in sorted(set(rows_by_shard) - listed):
+    for name in sorted(set(slices) - listed):
         report.problems.append(f"{name}: in the sample manifest but not in {split}_shards.parquet")
 
+    def args(i: int) -> tuple:
+        shard = shards[i]
+        first, length = slices.get(shard["shard"], (0, 0))
+        return shard_url(output, shard["shard"]), shard["bytes"], shard["sha256"], samples.slice(first, length).to_pylist()
+
     connect_ray()
-    args = [(shard_url(output, s["shard"]), s["bytes"], s["sha256"], rows_by_shard[s["shard"]]) for s in shards]
-    for i, problems, error in _run_tasks(verify_shard, args, _concurrency(cfg), lambda *a: None):
+    for i, problems, error in _run_tasks(verify_shard, len(shards), args, _concurrency(cfg), lambda *a: None):
         if error is not None:
             report.problems.append(f"{shards[i]['shard']}: verification failed ({type(error).__name__}: {error})")
         else:

@@ -106,20 +106,32 @@ def sample_json(wnid: str, label: int, source: str, width: int, height: int, con
 # Write
 
 
-def ensure_shard(spec: ShardSpec, options: ShardOptions) -> dict[str, Any]:
-    """Make shard ``spec`` complete: keep it when its record and bytes match, otherwise (re)write it.
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What a shard task reports to the driver (the rows stay in the record on storage)."""
 
-    Returns the shard record plus ``skipped`` (it was already complete) and ``start``/``end`` times.
-    Bad inputs become rejections in the record; storage failures raise.
-    """
+    index: int
+    shard: str
+    samples: int
+    rejected: int
+    bytes: int
+    skipped: bool        # already complete: kept as it was
+    start: float
+    end: float
+
+
+def ensure_shard(spec: ShardSpec, options: ShardOptions) -> ShardOutcome:
+    """Make shard ``spec`` complete: keep it when its record and bytes match, otherwise (re)write it
+    and then its record. Bad inputs become rejections in the record; storage failures raise."""
     start = time.time()
-    existing = completed_record(spec, options)
-    if existing is not None:
-        return {**existing, "skipped": True, "start": start, "end": time.time()}
-    record = write_shard(spec, options)
-    storage.write_bytes(record_url(options.output, options.split, spec.index),
-                        json.dumps(record, sort_keys=True).encode())
-    return {**record, "skipped": False, "start": start, "end": time.time()}
+    record = completed_record(spec, options)
+    skipped = record is not None
+    if record is None:
+        record = write_shard(spec, options)
+        storage.write_bytes(record_url(options.output, options.split, spec.index),
+                            json.dumps(record, sort_keys=True).encode())
+    return ShardOutcome(spec.index, spec.name, len(record["samples"]), len(record["rejected"]), record["bytes"],
+                        skipped, start, time.time())
 
 
 def completed_record(spec: ShardSpec, options: ShardOptions) -> dict[str, Any] | None:

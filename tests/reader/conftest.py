@@ -17,8 +17,9 @@ def build_shards(tree_root: Path, output: Path, split: str = "train", samples_pe
     listing = list_split(str(tree_root), split)
     specs = plan_shards(listing.items, split, seed, samples_per_shard)
     options = ShardOptions(output=str(output), split=split, fingerprint=fingerprint(listing.items, {"test": 1}))
-    records = [ensure_shard(spec, options) for spec in specs]
-    manifest.write_manifests(str(output), split, records, [r.row() for r in listing.rejected])
+    for spec in specs:
+        ensure_shard(spec, options)
+    manifest.write_manifests(str(output), split, len(specs), [r.row() for r in listing.rejected])
     return output
 
 
