@@ -9,6 +9,8 @@ across shards with the seed) and <output>/manifest/<split>.parquet, <split>_reje
 <split>_shards.parquet. Re-running skips complete shards (size and sha256 checked against their
 records), redoes the rest and ends with the same bytes as an uninterrupted run; bad inputs are
 rejected with a reason, never fatal. RAY_ADDRESS selects a cluster; otherwise Ray starts locally.
+On a cluster every node must see the input (s3:// or a shared mount) and the output should be
+s3:// (or shared): shard tasks run on whichever node has a free CPU.
 """
 
 from __future__ import annotations

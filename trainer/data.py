@@ -16,7 +16,9 @@ generator seeded by the sample's position. So the sample at any stream position 
 of (seed, position, shard sample counts). The counts come from ``manifest/<split>_shards.parquet``
 (or one scan of the shard). Resuming at batch ``k`` locates the window, reads its bytes (no decoding)
 and decodes only what it yields: the batches equal the uninterrupted run's, as long as seed, batch
-size, world size and worker count are the same.
+size, world size, worker count and shuffle_buffer are the same. Memory: each loader worker holds
+the raw bytes of two windows (the one it yields and the next, read ahead), ~2 x shuffle_buffer x
+110 KB for ImageNet's original JPEGs.
 
 **DataLoader order.** Each worker batches its own stream; the DataLoader hands out worker batches
 round-robin, so rank-local batch ``b`` is stream batch ``b // W`` of worker stream ``b % W``. After a

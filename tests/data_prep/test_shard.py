@@ -193,3 +193,10 @@ def test_cli_help_documents_every_key_and_errors_are_one_line(tmp_path):
     missing = subprocess.run([sys.executable, SCRIPT, f"input={tmp_path}/none", f"output={tmp_path}/out"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no images for split 'train'" in missing.stderr
+
+
+def test_extracted_folders_can_be_read_from_s3(demo_tree, s3_bucket, tmp_path, ray_local):
+    storage.upload_dir(demo_tree.root / "val", f"{s3_bucket}/imagenet/val")
+    write(shard_config(f"{s3_bucket}/imagenet", tmp_path / "from-s3", "split=val"))
+    write(shard_config(demo_tree.root, tmp_path / "from-disk", "split=val"))
+    assert _sample_set(str(tmp_path / "from-s3"), "val") == _sample_set(str(tmp_path / "from-disk"), "val")
