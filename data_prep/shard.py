@@ -11,6 +11,25 @@ records), redoes the rest and ends with the same bytes as an uninterrupted run; 
 rejected with a reason, never fatal. RAY_ADDRESS selects a cluster; otherwise Ray starts locally.
 On a cluster every node must see the input (s3:// or a shared mount) and the output should be
 s3:// (or shared): shard tasks run on whichever node has a free CPU.
+
+keys:
+  input              ImageNet as downloaded: a folder with <split>/<wnid>/*.JPEG or a flat <split>/
+                     folder, a folder holding ILSVRC2012_img_<split>.tar, or that tar (local/mounted)
+  output             local folder or s3://bucket/prefix
+  split              train | val
+  mode               write | verify (re-read every shard, compare with the manifest, exit 1 on mismatch)
+  labels             flat val labels: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt or
+                     ILSVRC2012_devkit_t12.tar.gz (default: looked up next to the input)
+  synsets            devkit ID order for the ground-truth file (default: the shipped ILSVRC2012 order)
+  samples_per_shard  at most this many samples per shard
+  shard_max_mb       at most this many MB of source images per shard (0: no limit)
+  seed               seed of the cross-shard shuffle
+  workers            shard tasks in flight (0: one per CPU of the Ray cluster)
+  full_decode        also decode every image (default: structural checks: JPEG markers, header)
+  resize             pre-resized variant: shorter side in pixels, aspect kept (null: original bytes)
+  jpeg_quality       quality of converted (CMYK, PNG, ...) and resized images
+  resume_check       checksum | size: how a re-run recognises a complete shard
+  progress           show the progress bar (images/s, ETA)
 """
 
 from __future__ import annotations

@@ -111,9 +111,16 @@ def test_folders_listing_rejects_empty_files_and_unknown_classes(demo_copy):
                        "train/not_a_class/y_1.JPEG": Reason.UNKNOWN_CLASS}
 
 
-@pytest.mark.parametrize("labels", ["kaggle", "devkit"])
+@pytest.mark.parametrize("labels", ["kaggle", "devkit", "devkit_tarball"])
 def test_flat_val_listing_uses_the_labels_file(demo_tree, tmp_path, labels):
-    pairs = demo.to_flat_val(demo_tree, tmp_path, labels=labels)
+    pairs = demo.to_flat_val(demo_tree, tmp_path, labels="kaggle" if labels == "kaggle" else "devkit")
+    if labels == "devkit_tarball":  # the devkit as downloaded, found beside the images
+        import tarfile
+
+        truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+        with tarfile.open(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+            tar.add(truth, arcname="ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
+        truth.unlink()
     (tmp_path / "val" / "ILSVRC2012_val_00009999.JPEG").write_bytes(b"\xff\xd8 unlabelled")
     listing = list_split(str(tmp_path), "val")
     assert listing.form == "flat"
