@@ -1,0 +1,231 @@
+"""What one evaluation worker does with one chunk: images -> Inception -> sufficient statistics.
+
+:class:`EvalWorker` is a plain class (the pool runs it as a Ray actor). It loads the feature network
+once, plus the models of its task (a tokenizer to reconstruct with, or a generator and tokenizer to
+sample with), and turns each :class:`Chunk` into a :class:`ChunkResult`: per image set the count,
+feature sum and outer-product sum (float64), the IS logits in sample order, PSNR/SSIM sums for
+reconstructions, and a few preview images. The result depends only on the chunk, never on which
+worker ran it or what it ran before.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from evals.inception import FEATURE_DIM, InceptionFeatures, InceptionWeights, load_inception_weights
+from evals.sources import BadInputError, Batch, ImageSlice, SliceReport
+from evals.stats import FeatureSums
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks: what a worker produces images with (besides reading them)
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """Score the images of each chunk as they are (folders, shards, npz)."""
+
+
+@dataclass(frozen=True)
+class ReconstructionTask:
+    """Reconstruct each image with a tokenizer; score the reconstructions (set ``reconstruction``)
+    and, unless cached reference statistics exist, the originals too (set ``reference``)."""
+
+    tokenizer: str               # export directory (ours or the authors' hub format)
+    score_originals: bool = True
+    image_size: int = 256        # what the tokenizer takes; other sizes are bad input
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """Sample images ``start..end`` of a fixed list: label ``i % num_classes``, seed from ``(seed, i)``."""
+
+    generator: str
+    tokenizer: str
+    sampling: Any                # trainer.sample.SamplingConfig
+    num_classes: int
+    seed: int
+
+
+Task = ScoreTask | ReconstructionTask | GenerationTask
+
+
+@dataclass(frozen=True)
+class GeneratedSlice:
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int                          # position in the job's plan: results merge in this order
+    set_name: str                       # which image set its images belong to ("input1", "samples", ...)
+    images: ImageSlice | GeneratedSlice
+    logits: bool = False                # return IS logits (the set whose IS is reported)
+    preview: int = 0                    # keep this many images for the MLflow grid
+
+    @property
+    def size(self) -> int:
+        return self.images.size
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    sums: dict[str, FeatureSums]
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)    # float32 [n, 1008], sample order
+    psnr_sum: float = 0.0
+    ssim_sum: float = 0.0
+    quality_count: int = 0
+    previews: dict[str, np.ndarray] = field(default_factory=dict)   # uint8 [k, H, W, 3]
+    report: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    worker_pid: int = 0
+
+    @property
+    def images(self) -> int:
+        return max((s.count for s in self.sums.values()), default=0)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_seed(base_seed: int, index: int) -> int:
+    """The seed of sample ``index``: a hash of (base seed, index), so any split gives the same image."""
+    state = np.random.SeedSequence([base_seed, index]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1  # < 2**63
+
+
+def sample_label(index: int, num_classes: int) -> int:
+    """Class of sample ``index``: round-robin, so N = k * num_classes gives k per class and every
+    prefix of the list is as balanced as it can be."""
+    return index % num_classes
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    inception_weights: str | None       # None: torch-fidelity's default URL
+    batch_size: int
+    use_gpu: bool = False
+    threads: int = 1
+
+
+class EvalWorker:
+    """Holds the networks of one worker and evaluates chunks (run as a Ray actor by the pool)."""
+
+    def __init__(self, settings: WorkerSettings, task: Task, weights: InceptionWeights | None = None) -> None:
+        torch.set_num_threads(max(1, settings.threads))
+        self.device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
+        if settings.use_gpu and self.device.type != "cuda":
+            raise RuntimeError("eval.use_gpu=true but this worker sees no CUDA device")
+        self.settings, self.task = settings, task
+        self.features = InceptionFeatures(weights or load_inception_weights(settings.inception_weights), self.device)
+        self.tokenizer = self.generator = None
+        if isinstance(task, (ReconstructionTask, GenerationTask)):
+            from trainer.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(task.tokenizer).to(self.device).eval()
+        if isinstance(task, GenerationTask):
+            from trainer.models import load_generator
+
+            self.generator = load_generator(task.generator).to(self.device).eval()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def ready(self) -> str:
+        return self.features.fingerprint
+
+    def run(self, chunk: Chunk) -> ChunkResult:
+        started = time.perf_counter()
+        result = ChunkResult(chunk.index, {})
+        report = SliceReport()
+        for batch in self._batches(chunk, report):
+            if isinstance(self.task, ReconstructionTask):
+                self._score_reconstruction(batch, chunk, result)
+            else:
+                self._score(chunk.set_name, batch.images, chunk, result)
+        result.report = report.as_dict()
+        result.seconds = time.perf_counter() - started
+        result.worker_pid = os.getpid()
+        return result
+
+    # --- images ---------------------------------------------------------------------------------
+    def _batches(self, chunk: Chunk, report: SliceReport):
+        if isinstance(chunk.images, GeneratedSlice):
+            yield from self._generate(chunk.images)
+        else:
+            yield from chunk.images.batches(self.settings.batch_size, report)
+
+    @torch.inference_mode()
+    def _generate(self, part: GeneratedSlice):
+        from trainer.sample import sample_images
+
+        task = self.task
+        assert isinstance(task, GenerationTask)
+        step = max(1, min(self.settings.batch_size, task.sampling.batch_size))
+        for first in range(part.start, part.end, step):
+            indices = range(first, min(first + step, part.end))
+            labels = torch.tensor([sample_label(i, task.num_classes) for i in indices], dtype=torch.long,
+                                  device=self.device)
+            images = sample_images(self.generator, self.tokenizer, labels, [sample_seed(task.seed, i) for i in indices],
+                                   task.sampling)  # uint8 [N, H, W, 3]
+            yield Batch(images.permute(0, 3, 1, 2).contiguous().cpu(), labels.cpu())
+
+    # --- scoring --------------------------------------------------------------------------------
+    def _score(self, set_name: str, images: torch.Tensor, chunk: Chunk, result: ChunkResult, logits: bool | None = None,
+               preview: int | None = None) -> None:
+        pool, batch_logits = self.features(images)
+        result.sums.setdefault(set_name, FeatureSums(FEATURE_DIM)).add(pool)
+        if chunk.logits if logits is None else logits:
+            previous = result.logits.get(set_name)
+            result.logits[set_name] = batch_logits if previous is None else torch.cat([previous, batch_logits])
+        keep = chunk.preview if preview is None else preview
+        have = result.previews.get(set_name)
+        taken = 0 if have is None else have.shape[0]
+        if taken < keep:
+            more = images[: keep - taken].permute(0, 2, 3, 1).numpy()
+            result.previews[set_name] = more if have is None else np.concatenate([have, more])
+
+    @torch.inference_mode()
+    def _score_reconstruction(self, batch: Batch, chunk: Chunk, result: ChunkResult) -> None:
+        from evals.quality import psnr, ssim
+
+        task = self.task
+        assert isinstance(task, ReconstructionTask)
+        if tuple(batch.images.shape[-2:]) != (task.image_size, task.image_size):
+            raise BadInputError(f"reconstruction needs {task.image_size}x{task.image_size} images, got "
+                                f"{tuple(batch.images.shape[-2:])} (use shards, which are center-cropped)")
+        originals = batch.images.to(self.device).float().div_(255.0)
+        reconstructions = reconstruct(self.tokenizer, originals)
+        # Scored like generated samples: clamped and rounded to uint8, as a saved image would be.
+        recon_uint8 = reconstructions.clamp(0, 1).mul(255).round().to(torch.uint8)
+        if task.score_originals:
+            self._score("reference", batch.images, chunk, result, logits=False, preview=0)
+        if chunk.preview and "original" not in result.previews:
+            result.previews["original"] = batch.images[: chunk.preview].permute(0, 2, 3, 1).numpy()
+        self._score("reconstruction", recon_uint8.cpu(), chunk, result)
+        recon_float = recon_uint8.float().div_(255.0)
+        result.psnr_sum += float(psnr(recon_float, originals).double().sum())
+        result.ssim_sum += float(ssim(recon_float, originals).double().sum())
+        result.quality_count += originals.shape[0]
+
+
+def reconstruct(tokenizer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A tokenizer's reconstruction of float images in [0, 1] (its forward returns (images, aux))."""
+    out = tokenizer(images)
+    recon = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(recon, torch.Tensor) or recon.shape != images.shape:
+        raise ValueError("the tokenizer does not reconstruct pixels (a stage-1 export without a pixel decoder?); "
+                         "rFID needs a tokenizer that decodes to images")
+    return recon.float()
