@@ -1,0 +1,321 @@
+"""The three evaluations: ``folders``, ``reconstruction`` and ``generation``.
+
+Each plans its chunks, runs them on one :class:`evals.pool.EvalPool`, turns the merged sums into
+metrics and returns a result dict (what ``evals/run.py`` prints as JSON and logs to MLflow)::
+
+    {"kind": ..., "fid": ..., "is_mean": ..., "is_std": ..., "count": ..., "protocol": {...}, ...}
+
+Every FID carries its protocol: the feature network and its weights hash, the reference statistics
+(id, source, count), the number of images scored, how pixels were produced (resize/crop/decoding),
+the sampler settings for generation, and a metric label (``FID-50k`` only for exactly 50,000).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cluster import storage
+from evals.inception import NETWORK_DESCRIPTION, InceptionWeights, load_inception_weights
+from evals.merge import MergedSets
+from evals.pool import EvalError, EvalPool, PoolSettings, RunReport
+from evals.reference import load_reference, save_reference
+from evals.schema import EvalConfig, EvalKind
+from evals.sources import BadInputError, ImageSet, resolve_input
+from evals.stats import IS_SPLITS, FidStats, frechet_distance, inception_score
+from evals.worker import (Chunk, GeneratedSlice, GenerationTask, ReconstructionTask, ScoreTask, Task,
+                          WorkerSettings)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checkpoint:
+    url: str
+    step: int
+    meta: dict[str, Any]
+
+    @property
+    def run_dir(self) -> str | None:
+        """``<run>`` of ``<run>/exports/step_*`` (None for a checkpoint outside a run, e.g. the authors')."""
+        parts = self.url.rstrip("/").rsplit("/", 2)
+        return parts[0] if len(parts) == 3 and parts[1] == "exports" else None
+
+
+def fid_label(count: int, prefix: str = "FID") -> str:
+    """``FID-50k`` for 50,000 images, ``FID-10k``, ``FID-1234``: the count is part of the name."""
+    return f"{prefix}-{count // 1000}k" if count % 1000 == 0 and count >= 1000 else f"{prefix}-{count}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _pool_settings(cfg: EvalConfig, work: int) -> PoolSettings:
+    e = cfg.eval
+    return PoolSettings(num_workers=max(1, min(e.num_workers, work)), use_gpu=e.use_gpu,
+                        cpus_per_worker=e.cpus_per_worker, max_retries=e.max_retries, progress=e.progress)
+
+
+def _worker_settings(cfg: EvalConfig) -> WorkerSettings:
+    e = cfg.eval
+    return WorkerSettings(e.inception_weights, e.batch_size, e.use_gpu, threads=max(1, int(e.cpus_per_worker)))
+
+
+def _resolve(cfg: EvalConfig, url: str) -> ImageSet:
+    return resolve_input(url, chunk_size=cfg.eval.chunk_size, image_size=cfg.eval.image_size, draft=cfg.eval.jpeg_draft)
+
+
+def _chunks_of(image_set: ImageSet, set_name: str, first_index: int, logits: bool = False, preview: int = 0) -> list[Chunk]:
+    return [Chunk(first_index + i, set_name, part, logits=logits, preview=preview if i == 0 else 0)
+            for i, part in enumerate(image_set.slices)]
+
+
+def _run_pool(cfg: EvalConfig, task: Task, chunks: list[Chunk], weights: InceptionWeights,
+              description: str) -> tuple[MergedSets, RunReport]:
+    with EvalPool(_worker_settings(cfg), task, _pool_settings(cfg, len(chunks)), weights) as pool:
+        return pool.run(chunks, description=description)
+
+
+def _reference_info(stats: FidStats) -> dict[str, Any]:
+    return {"stats_id": stats.stats_id, "source": stats.source, "count": stats.count}
+
+
+def _protocol(weights: InceptionWeights, metric: str, reference: FidStats, count: int, preprocessing: dict[str, str],
+              **extra: Any) -> dict[str, Any]:
+    protocol = {
+        "metric": metric,
+        "feature_network": NETWORK_DESCRIPTION,
+        "weights_sha256": weights.fingerprint,
+        "weights_source": weights.source,
+        "reference": _reference_info(reference),
+        "num_images": count,
+        "preprocessing": preprocessing,
+        "is_splits": IS_SPLITS,
+        **extra,
+    }
+    protocol["protocol_id"] = hashlib.sha256(json.dumps({k: v for k, v in protocol.items() if k != "weights_source"},
+                                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return protocol
+
+
+def _stats_of(merged: MergedSets, set_name: str, source: str) -> FidStats:
+    if set_name not in merged.sums:
+        raise EvalError(f"no images were scored for {source}")
+    return merged.sums[set_name].to_stats(source)
+
+
+def _is_of(merged: MergedSets, set_name: str) -> tuple[float | None, float | None]:
+    logits = merged.all_logits(set_name)
+    if logits.shape[0] < IS_SPLITS:
+        log.warning("Inception Score needs at least %d images, got %d: not reported", IS_SPLITS, logits.shape[0])
+        return None, None
+    return inception_score(logits)
+
+
+def _previews(merged: MergedSets, names: list[str]) -> list[np.ndarray]:
+    return [merged.previews[n] for n in names if n in merged.previews and len(merged.previews[n])]
+
+
+# ----------------------------------------------------------------------------------------------
+# folders
+
+
+def evaluate_folders(cfg: EvalConfig) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """FID between ``eval.input1`` and ``eval.input2``, IS of ``eval.input1``."""
+    e = cfg.eval
+    weights = load_inception_weights(e.inception_weights)
+    set1, set2 = _resolve(cfg, e.input1), _resolve(cfg, e.input2)  # type: ignore[arg-type]
+    if set1.kind == "npz_stats":
+        raise BadInputError(f"eval.input1={e.input1} holds statistics; input1 must be images (its IS is reported)")
+    stats2 = load_reference(set2, weights.fingerprint, e.stats_cache)
+    chunks = _chunks_of(set1, "input1", 0, logits=True, preview=e.preview_images)
+    if stats2 is None:
+        chunks += _chunks_of(set2, "input2", len(chunks), preview=e.preview_images)
+    merged, report = _run_pool(cfg, ScoreTask(), chunks, weights, "folders")
+    stats1 = _stats_of(merged, "input1", set1.url)
+    if stats2 is None:
+        stats2 = _stats_of(merged, "input2", set2.url)
+        save_reference(stats2, set2, weights.fingerprint, e.stats_cache)
+    fid = frechet_distance(stats1, stats2)
+    is_mean, is_std = _is_of(merged, "input1")
+    count1 = stats1.count or 0
+    result = {
+        "kind": EvalKind.folders.value, "fid": fid, "is_mean": is_mean, "is_std": is_std,
+        "count": count1, "count1": count1, "count2": stats2.count,
+        "input1": set1.url, "input2": set2.url,
+        "protocol": _protocol(weights, fid_label(count1), stats2, count1,
+                              {"input1": set1.policy, "input2": set2.policy}),
+        "data_problems": merged.report, "images_per_s": report.images_per_s,
+    }
+    return result, _previews(merged, ["input1", "input2"])
+
+
+# ----------------------------------------------------------------------------------------------
+# reconstruction
+
+
+def evaluate_reconstruction(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """rFID of a tokenizer over ``eval.data`` against the same images' statistics, plus PSNR/SSIM."""
+    e = cfg.eval
+    weights = load_inception_weights(e.inception_weights)
+    data = _resolve(cfg, e.data)  # type: ignore[arg-type]
+    if data.kind == "npz_stats":
+        raise BadInputError(f"eval.data={e.data} holds statistics; reconstruction needs images")
+    reference = load_reference(data, weights.fingerprint, e.stats_cache)
+    task = ReconstructionTask(checkpoint.url, score_originals=reference is None, image_size=e.image_size)
+    merged, report = _run_pool(cfg, task, _chunks_of(data, "data", 0, preview=e.preview_images), weights,
+                               f"rFID step {checkpoint.step}")
+    if reference is None:
+        reference = _stats_of(merged, "reference", data.url)
+        save_reference(reference, data, weights.fingerprint, e.stats_cache)
+    recon = _stats_of(merged, "reconstruction", f"reconstructions by {checkpoint.url}")
+    count = recon.count or 0
+    fid = frechet_distance(recon, reference)
+    n = merged.quality_count
+    result = {
+        "kind": EvalKind.reconstruction.value, "fid": fid, "rfid": fid, "count": count,
+        "psnr": merged.psnr_sum / n if n else None, "ssim": merged.ssim_sum / n if n else None,
+        "checkpoint": checkpoint.url, "step": checkpoint.step, "data": data.url,
+        "protocol": _protocol(weights, fid_label(count, "rFID"), reference, count,
+                              {"images": data.policy, "reconstructions": "tokenizer output clamped to [0, 1], "
+                                                                         "rounded to uint8"}),
+        "data_problems": merged.report, "images_per_s": report.images_per_s,
+    }
+    return result, _previews(merged, ["original", "reconstruction"])
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+def evaluate_generation(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """gFID and IS of ``eval.num_samples`` class-conditional samples against reference statistics."""
+    e = cfg.eval
+    weights = load_inception_weights(e.inception_weights)
+    tokenizer = e.tokenizer or _run_tokenizer(checkpoint)
+    num_classes = _generator_num_classes(checkpoint.url)
+    if e.num_samples % num_classes:
+        log.warning("eval.num_samples=%d is not a multiple of the %d classes: classes are not equally represented",
+                    e.num_samples, num_classes)
+    ref_set = _resolve(cfg, e.reference or e.data)  # type: ignore[arg-type]
+    reference = load_reference(ref_set, weights.fingerprint, e.stats_cache)
+    chunks: list[Chunk] = [] if reference is not None else _chunks_of(ref_set, "reference", 0)
+    for start in range(0, e.num_samples, e.chunk_size):
+        chunks.append(Chunk(len(chunks), "samples", GeneratedSlice(start, min(start + e.chunk_size, e.num_samples)),
+                            logits=True, preview=e.preview_images if start == 0 else 0))
+    task = GenerationTask(checkpoint.url, tokenizer, e.sampling, num_classes, e.seed)
+    merged, report = _run_pool(cfg, task, chunks, weights, f"gFID step {checkpoint.step}")
+    if reference is None:
+        reference = _stats_of(merged, "reference", ref_set.url)
+        save_reference(reference, ref_set, weights.fingerprint, e.stats_cache)
+    samples = _stats_of(merged, "samples", f"samples of {checkpoint.url}")
+    count = samples.count or 0
+    if count != e.num_samples:
+        raise EvalError(f"{count} samples were scored but eval.num_samples={e.num_samples}; "
+                        f"refusing to report {fid_label(e.num_samples)}")
+    fid = frechet_distance(samples, reference)
+    is_mean, is_std = _is_of(merged, "samples")
+    result = {
+        "kind": EvalKind.generation.value, "fid": fid, "is_mean": is_mean, "is_std": is_std, "count": count,
+        "checkpoint": checkpoint.url, "tokenizer": tokenizer, "step": checkpoint.step,
+        "protocol": _protocol(weights, fid_label(count), reference, count,
+                              {"samples": "sampler output uint8 [N, H, W, 3]", "reference": ref_set.policy},
+                              sampler={**dataclasses.asdict(e.sampling), "seed": e.seed, "num_classes": num_classes,
+                                       "labels": "index % num_classes", "seeds": "SeedSequence([seed, index])"}),
+        "images_per_s": report.images_per_s,
+    }
+    return result, _previews(merged, ["samples"])
+
+
+def _run_tokenizer(checkpoint: Checkpoint) -> str:
+    """The tokenizer a generator run was trained with (``generator.tokenizer`` of its config.yaml)."""
+    run_dir = checkpoint.run_dir
+    config_url = storage.join(run_dir, "config.yaml") if run_dir else None
+    if config_url and storage.exists(config_url):
+        tokenizer = (yaml.safe_load(storage.read_text(config_url)) or {}).get("generator", {}).get("tokenizer")
+        if tokenizer:
+            return str(tokenizer)
+    raise BadInputError(f"no tokenizer known for {checkpoint.url}: set eval.tokenizer=<tokenizer export>")
+
+
+def _generator_num_classes(url: str) -> int:
+    """``condition_num_classes`` from the export's config.json (wherever the layout nests it)."""
+    config = json.loads(storage.read_text(storage.join(url, "config.json")))
+
+    def find(node: Any) -> int | None:
+        if isinstance(node, dict):
+            if "condition_num_classes" in node:
+                return int(node["condition_num_classes"])
+            for value in node.values():
+                found = find(value)
+                if found is not None:
+                    return found
+        return None
+
+    num_classes = find(config)
+    if not num_classes:
+        raise BadInputError(f"{url}/config.json names no condition_num_classes; is it a generator export?")
+    return num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def load_checkpoint(url: str) -> Checkpoint:
+    """An export directory: meta.json when there is one (ours), step from it or the folder name."""
+    from trainer.checkpoint import parse_step
+
+    url = url.rstrip("/")
+    if not storage.exists(storage.join(url, "config.json")):
+        raise BadInputError(f"{url}: not an export (no config.json)")
+    meta_url = storage.join(url, "meta.json")
+    meta = json.loads(storage.read_text(meta_url)) if storage.exists(meta_url) else {}
+    step = meta.get("step")
+    if step is None:
+        step = parse_step(url) or 0
+    return Checkpoint(url, int(step), meta)
+
+
+def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[np.ndarray]]:
+    if cfg.eval.kind == EvalKind.reconstruction:
+        return evaluate_reconstruction(cfg, checkpoint)
+    if cfg.eval.kind == EvalKind.generation:
+        return evaluate_generation(cfg, checkpoint)
+    raise ValueError(f"eval.kind={cfg.eval.kind.value} does not evaluate checkpoints")
+
+
+def evaluate_and_log(cfg: EvalConfig, checkpoint: Checkpoint | None = None) -> dict[str, Any]:
+    """Run the configured evaluation (of ``checkpoint`` for reconstruction/generation) and log it to
+    MLflow; returns the result with ``result["mlflow"]`` naming the run written to."""
+    from evals.tracking import log_result
+
+    if cfg.eval.kind == EvalKind.folders:
+        result, previews = evaluate_folders(cfg)
+        eval_of, step, meta = f"folders:{result['input1']} vs {result['input2']}", cfg.eval.step, None
+    else:
+        assert checkpoint is not None
+        result, previews = evaluate_checkpoint(cfg, checkpoint)
+        eval_of, step, meta = checkpoint.run_dir or checkpoint.url, checkpoint.step, checkpoint.meta
+    result["mlflow"] = log_result(cfg.mlflow, result, step, meta, eval_of, previews)
+    return result
+
+
+def checkpoint_to_evaluate(cfg: EvalConfig) -> Checkpoint:
+    """``eval.checkpoint``, else the latest complete export under ``output_dir``."""
+    from trainer.checkpoint import latest_export
+
+    if cfg.eval.checkpoint:
+        return load_checkpoint(cfg.eval.checkpoint)
+    export = latest_export(cfg.output_dir)  # type: ignore[arg-type]
+    if export is None:
+        raise BadInputError(f"{cfg.output_dir} has no complete export (exports/step_*/COMPLETE)")
+    return Checkpoint(export.url, export.step, export.meta)
