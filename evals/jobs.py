@@ -54,6 +54,13 @@ def fid_label(count: int, prefix: str = "FID") -> str:
     return f"{prefix}-{count // 1000}k" if count % 1000 == 0 and count >= 1000 else f"{prefix}-{count}"
 
 
+def check_sample_count(scored: int, requested: int) -> None:
+    """The FID-50k guard: a generation FID is reported only for exactly the requested count."""
+    if scored != requested:
+        raise EvalError(f"{scored} samples were scored but eval.num_samples={requested}; "
+                        f"refusing to report {fid_label(requested)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared pieces
 
@@ -218,9 +225,7 @@ def evaluate_generation(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[s
         save_reference(reference, ref_set, weights.fingerprint, e.stats_cache)
     samples = _stats_of(merged, "samples", f"samples of {checkpoint.url}")
     count = samples.count or 0
-    if count != e.num_samples:
-        raise EvalError(f"{count} samples were scored but eval.num_samples={e.num_samples}; "
-                        f"refusing to report {fid_label(e.num_samples)}")
+    check_sample_count(count, e.num_samples)
     fid = frechet_distance(samples, reference)
     is_mean, is_std = _is_of(merged, "samples")
     result = {

@@ -96,7 +96,7 @@ class NpzSlice:
         info = array_info(self.url, "arr_0")
         for first in range(self.start, self.end, batch_size):
             rows = read_rows(self.url, "arr_0", first, min(first + batch_size, self.end), info)
-            yield Batch(torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2).contiguous())
+            yield Batch(torch.from_numpy(rows.copy()).permute(0, 3, 1, 2).contiguous())
 
 
 @dataclass(frozen=True)
@@ -224,15 +224,15 @@ def shard_input(url: str | Sequence[str], *, chunk_size: int, image_size: int, d
     group: list[str] = []
     group_count = 0
     for shard, count in zip(urls, counts):
+        if group and (count > chunk_size or group_count + count > chunk_size):
+            slices.append(ShardSlice(tuple(group), 0, 1, image_size, group_count, draft))
+            group, group_count = [], 0
         if count > chunk_size:
             streams = math.ceil(count / chunk_size)
             for j in range(streams):
                 # Stream j of k takes samples j, j+k, ...: count // k plus one for the first count % k.
                 slices.append(ShardSlice((shard,), j, streams, image_size, count // streams + (j < count % streams), draft))
             continue
-        if group and group_count + count > chunk_size:
-            slices.append(ShardSlice(tuple(group), 0, 1, image_size, group_count, draft))
-            group, group_count = [], 0
         group.append(shard)
         group_count += count
     if group:
