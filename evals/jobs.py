@@ -176,6 +176,7 @@ def evaluate_reconstruction(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[di
     data = _resolve(cfg, e.data)  # type: ignore[arg-type]
     if data.kind == "npz_stats":
         raise BadInputError(f"eval.data={e.data} holds statistics; reconstruction needs images")
+    _check_pixel_tokenizer(checkpoint.url)
     reference = load_reference(data, weights.fingerprint, e.stats_cache)
     task = ReconstructionTask(checkpoint.url, score_originals=reference is None, image_size=e.image_size)
     merged, report = _run_pool(cfg, task, _chunks_of(data, "data", 0, preview=e.preview_images), weights,
@@ -251,24 +252,33 @@ def _run_tokenizer(checkpoint: Checkpoint) -> str:
     raise BadInputError(f"no tokenizer known for {checkpoint.url}: set eval.tokenizer=<tokenizer export>")
 
 
+def _export_config(url: str) -> dict[str, Any]:
+    config_url = storage.join(url, "config.json")
+    if not storage.exists(config_url):
+        raise BadInputError(f"{url}: not an export directory (no config.json)")
+    return json.loads(storage.read_text(config_url))
+
+
+def _check_pixel_tokenizer(url: str) -> None:
+    """rFID needs a tokenizer that decodes to pixels (not a stage-1 proxy-code model)."""
+    from trainer.models import tokenizer_config_from_json
+
+    try:
+        config = tokenizer_config_from_json(_export_config(url))
+    except ValueError as err:
+        raise BadInputError(f"{url} is not a tokenizer export: {err}") from None
+    if config.is_legacy and not config.finetune_decoder:
+        raise BadInputError(f"{url} is a stage-1 tokenizer (finetune_decoder=false): it predicts proxy codes, "
+                            "not pixels; evaluate a stage-2 (decoder_finetune) or single-stage export")
+
+
 def _generator_num_classes(url: str) -> int:
-    """``condition_num_classes`` from the export's config.json (wherever the layout nests it)."""
-    config = json.loads(storage.read_text(storage.join(url, "config.json")))
+    from trainer.models import generator_config_from_json
 
-    def find(node: Any) -> int | None:
-        if isinstance(node, dict):
-            if "condition_num_classes" in node:
-                return int(node["condition_num_classes"])
-            for value in node.values():
-                found = find(value)
-                if found is not None:
-                    return found
-        return None
-
-    num_classes = find(config)
-    if not num_classes:
-        raise BadInputError(f"{url}/config.json names no condition_num_classes; is it a generator export?")
-    return num_classes
+    try:
+        return generator_config_from_json(_export_config(url)).condition_num_classes
+    except ValueError as err:
+        raise BadInputError(f"{url} is not a generator export: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,13 +287,15 @@ def _generator_num_classes(url: str) -> int:
 
 def load_checkpoint(url: str) -> Checkpoint:
     """An export directory: meta.json when there is one (ours), step from it or the folder name."""
-    from trainer.checkpoint import parse_step
+    from trainer.checkpoint import is_complete, parse_step
 
     url = url.rstrip("/")
     if not storage.exists(storage.join(url, "config.json")):
         raise BadInputError(f"{url}: not an export (no config.json)")
     meta_url = storage.join(url, "meta.json")
     meta = json.loads(storage.read_text(meta_url)) if storage.exists(meta_url) else {}
+    if meta and not is_complete(url):  # ours, still being written (the authors' have no meta.json)
+        raise BadInputError(f"{url}: export incomplete (no COMPLETE marker yet)")
     step = meta.get("step")
     if step is None:
         step = parse_step(url) or 0

@@ -222,10 +222,6 @@ class EvalWorker:
 
 
 def reconstruct(tokenizer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """A tokenizer's reconstruction of float images in [0, 1] (its forward returns (images, aux))."""
-    out = tokenizer(images)
-    recon = out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(recon, torch.Tensor) or recon.shape != images.shape:
-        raise ValueError("the tokenizer does not reconstruct pixels (a stage-1 export without a pixel decoder?); "
-                         "rFID needs a tokenizer that decodes to images")
-    return recon.float()
+    """A tokenizer's round trip through its discrete tokens: ``decode_tokens(encode(images))``, float
+    images in [0, 1] (the tokens are what a generator would produce; the decoder output is clamped)."""
+    return tokenizer.decode_tokens(tokenizer.encode(images)).float()

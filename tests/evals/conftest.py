@@ -38,6 +38,30 @@ def write_images(folder: Path, count: int, seed: int, shift: float, size: int = 
     return images
 
 
+def write_shard(url: str, first: int, count: int, rng: np.random.Generator, min_size: int = 40,
+                max_size: int = 70) -> None:
+    """A WebDataset shard as data_prep/shard.py writes it: ``{key}.jpg`` + ``{key}.cls`` per sample."""
+    import io
+    import tarfile
+
+    from cluster import storage
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(first, first + count):
+            w, h = (int(v) for v in rng.integers(min_size, max_size, 2))
+            low = rng.uniform(0, 255, (3, 3, 3)).astype(np.uint8)
+            field = np.asarray(Image.fromarray(low).resize((w, h), Image.BILINEAR), dtype=np.float64)
+            pixels = np.clip(field + rng.normal(0, 20, field.shape), 0, 255).astype(np.uint8)
+            jpeg = io.BytesIO()
+            Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+            for ext, data in (("jpg", jpeg.getvalue()), ("cls", str(i % 5).encode())):
+                info = tarfile.TarInfo(f"s{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    storage.write_bytes(url, buffer.getvalue())
+
+
 @pytest.fixture(scope="session")
 def image_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """Two folders of PNGs from different distributions (input1, input2)."""

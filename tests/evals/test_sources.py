@@ -14,7 +14,7 @@ from cluster import storage
 from evals import npz
 from evals.reference import cache_url
 from evals.sources import BadInputError, FolderSlice, SliceReport, resolve_input
-from tests.evals.conftest import write_images
+from tests.evals.conftest import write_images, write_shard
 
 
 def _npz_bytes(compressed: bool, **arrays) -> bytes:
@@ -92,27 +92,11 @@ def test_bad_inputs_fail_clearly(tmp_path: Path) -> None:
         resolve_input(str(other), chunk_size=4, image_size=256)
 
 
-def _write_shard(path: str, first: int, count: int, rng: np.random.Generator) -> None:
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for i in range(first, first + count):
-            w, h = int(rng.integers(40, 70)), int(rng.integers(40, 70))
-            jpeg = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(jpeg, format="JPEG", quality=90)
-            for ext, data in (("jpg", jpeg.getvalue()), ("cls", str(i % 5).encode())):
-                info = tarfile.TarInfo(f"s{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    storage.write_bytes(path, buffer.getvalue())
-
-
 def test_shard_slices_cover_every_sample_once(store_root: str) -> None:
     rng = np.random.default_rng(5)
     folder = storage.join(store_root, "val")
     for shard, count in enumerate((7, 3, 12)):
-        _write_shard(storage.join(folder, f"val-{shard:06d}.tar"), shard * 100, count, rng)
+        write_shard(storage.join(folder, f"val-{shard:06d}.tar"), shard * 100, count, rng)
     image_set = resolve_input(folder, chunk_size=5, image_size=32)
     assert image_set.kind == "shards" and image_set.expected == 22
     # Shards larger than a chunk are read as several streams; small ones are grouped.
