@@ -81,8 +81,12 @@ def _resolve(cfg: EvalConfig, url: str) -> ImageSet:
 
 
 def _chunks_of(image_set: ImageSet, set_name: str, first_index: int, logits: bool = False, preview: int = 0) -> list[Chunk]:
-    return [Chunk(first_index + i, set_name, part, logits=logits, preview=preview if i == 0 else 0)
-            for i, part in enumerate(image_set.slices)]
+    chunks = []
+    for i, part in enumerate(image_set.slices):
+        keep = min(preview, part.size)  # the grid's images come from the first chunks
+        preview -= keep
+        chunks.append(Chunk(first_index + i, set_name, part, logits=logits, preview=keep))
+    return chunks
 
 
 def _run_pool(cfg: EvalConfig, task: Task, chunks: list[Chunk], weights: InceptionWeights,
@@ -217,8 +221,9 @@ def evaluate_generation(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[s
     reference = load_reference(ref_set, weights.fingerprint, e.stats_cache)
     chunks: list[Chunk] = [] if reference is not None else _chunks_of(ref_set, "reference", 0)
     for start in range(0, e.num_samples, e.chunk_size):
-        chunks.append(Chunk(len(chunks), "samples", GeneratedSlice(start, min(start + e.chunk_size, e.num_samples)),
-                            logits=True, preview=e.preview_images if start == 0 else 0))
+        end = min(start + e.chunk_size, e.num_samples)
+        chunks.append(Chunk(len(chunks), "samples", GeneratedSlice(start, end), logits=True,
+                            preview=max(0, min(e.preview_images - start, end - start))))
     task = GenerationTask(checkpoint.url, tokenizer, e.sampling, num_classes, e.seed)
     merged, report = _run_pool(cfg, task, chunks, weights, f"gFID step {checkpoint.step}")
     if reference is None:

@@ -75,7 +75,8 @@ class ResultMerger:
         for name, logits in result.logits.items():
             m.logits.setdefault(name, []).append(logits)
         for name, images in result.previews.items():
-            m.previews.setdefault(name, images)
+            have = m.previews.get(name)
+            m.previews[name] = images if have is None else np.concatenate([have, images])
         m.psnr_sum += result.psnr_sum
         m.ssim_sum += result.ssim_sum
         m.quality_count += result.quality_count

@@ -117,14 +117,17 @@ class WorkerSettings:
     inception_weights: str | None       # None: torch-fidelity's default URL
     batch_size: int
     use_gpu: bool = False
-    threads: int = 1
+    # torch intra-op threads of the worker process (None: leave as is). The thread count changes how
+    # oneDNN rounds float32 convolutions, so equal settings are what makes two runs bit-identical.
+    threads: int | None = None
 
 
 class EvalWorker:
     """Holds the networks of one worker and evaluates chunks (run as a Ray actor by the pool)."""
 
     def __init__(self, settings: WorkerSettings, task: Task, weights: InceptionWeights | None = None) -> None:
-        torch.set_num_threads(max(1, settings.threads))
+        if settings.threads is not None:
+            torch.set_num_threads(max(1, settings.threads))
         self.device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
         if settings.use_gpu and self.device.type != "cuda":
             raise RuntimeError("eval.use_gpu=true but this worker sees no CUDA device")
@@ -190,12 +193,7 @@ class EvalWorker:
         if chunk.logits if logits is None else logits:
             previous = result.logits.get(set_name)
             result.logits[set_name] = batch_logits if previous is None else torch.cat([previous, batch_logits])
-        keep = chunk.preview if preview is None else preview
-        have = result.previews.get(set_name)
-        taken = 0 if have is None else have.shape[0]
-        if taken < keep:
-            more = images[: keep - taken].permute(0, 2, 3, 1).numpy()
-            result.previews[set_name] = more if have is None else np.concatenate([have, more])
+        _keep_preview(result, set_name, images, chunk.preview if preview is None else preview)
 
     @torch.inference_mode()
     def _score_reconstruction(self, batch: Batch, chunk: Chunk, result: ChunkResult) -> None:
@@ -212,13 +210,21 @@ class EvalWorker:
         recon_uint8 = reconstructions.clamp(0, 1).mul(255).round().to(torch.uint8)
         if task.score_originals:
             self._score("reference", batch.images, chunk, result, logits=False, preview=0)
-        if chunk.preview and "original" not in result.previews:
-            result.previews["original"] = batch.images[: chunk.preview].permute(0, 2, 3, 1).numpy()
+        _keep_preview(result, "original", batch.images, chunk.preview)
         self._score("reconstruction", recon_uint8.cpu(), chunk, result)
         recon_float = recon_uint8.float().div_(255.0)
         result.psnr_sum += float(psnr(recon_float, originals).double().sum())
         result.ssim_sum += float(ssim(recon_float, originals).double().sum())
         result.quality_count += originals.shape[0]
+
+
+def _keep_preview(result: ChunkResult, name: str, images: torch.Tensor, keep: int) -> None:
+    """Add images (uint8 NCHW) to the chunk's preview of ``name`` until it holds ``keep``."""
+    have = result.previews.get(name)
+    taken = 0 if have is None else have.shape[0]
+    if taken < keep:
+        more = images[: keep - taken].permute(0, 2, 3, 1).numpy()
+        result.previews[name] = more if have is None else np.concatenate([have, more])
 
 
 def reconstruct(tokenizer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def test_reconstruction_rfid_equals_torch_fidelity_and_lands_in_the_training_run
     import torch_fidelity
     from mlflow.tracking import MlflowClient
 
-    from evals.jobs import evaluate_and_log, evaluate_reconstruction, load_checkpoint
+    from evals.jobs import evaluate_and_log, load_checkpoint
     from trainer.data import eval_batches
 
     run_id = _training_run(mlflow_server, "recon")
@@ -114,14 +114,13 @@ def test_reconstruction_rfid_equals_torch_fidelity_and_lands_in_the_training_run
     assert index == VAL_IMAGES
     assert result["rfid"] == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
 
-    # The reference statistics were cached next to the shards; a second run reuses them (scoring only
-    # the reconstructions) and gives the identical number.
-    assert [f.url for f in storage.list_files(storage.join(val_shards, "fid_stats")) if f.url.endswith(".npz")]
-    again, _ = evaluate_reconstruction(
-        _recon_config(inception_weights, val_shards, f"eval.checkpoint={url}", "mlflow.enabled=false"),
-        load_checkpoint(url))
-    assert again["rfid"] == result["rfid"]
-    assert again["protocol"]["reference"]["stats_id"] == result["protocol"]["reference"]["stats_id"]
+    # The reference statistics (the originals') were cached next to the shards, for the next checkpoint.
+    from evals.reference import load_reference
+    from evals.sources import resolve_input
+
+    data = resolve_input(val_shards, chunk_size=4, image_size=IMAGE_SIZE)
+    cached = load_reference(data, result["protocol"]["weights_sha256"], None)
+    assert cached is not None and cached.stats_id == result["protocol"]["reference"]["stats_id"]
 
     # MLflow: in the training run, at the checkpoint's step, with the protocol and a sample grid.
     assert result["mlflow"]["run_id"] == run_id
@@ -196,6 +195,7 @@ def test_watch_evaluates_each_complete_export_once_across_restarts(
         stop.set()
         watcher.join(120)
     assert [r["step"] for r in second] == seen == [200]
+    assert "cached" in second[0]["protocol"]["reference"]["source"]  # only the reconstructions were scored
     assert sorted(load_state(cfg)["done"]) == ["100", "200"]
     assert watch(cfg) == []  # nothing left: a third start evaluates nothing
 

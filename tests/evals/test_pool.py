@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from evals.inception import load_inception_weights
 from evals.jobs import evaluate_folders
 from evals.merge import ResultMerger
 from evals.pool import EvalError, EvalPool, PoolSettings
@@ -23,19 +24,16 @@ def _folders_config(image_folders, weights: str, workers: int):
                        f"eval.inception_weights={weights}", "eval.progress=false", "mlflow.enabled=false")
 
 
-def test_pool_fid_and_is_equal_torch_fidelity_and_do_not_depend_on_workers(
-        ray_local, image_folders, inception_weights, fidelity_reference) -> None:
-    two, _ = evaluate_folders(_folders_config(image_folders, inception_weights, 2))
-    assert two["count1"] == two["count2"] == IMAGES_PER_SET
-    assert two["fid"] == pytest.approx(fidelity_reference["frechet_inception_distance"], rel=1e-6)
-    assert two["is_mean"] == pytest.approx(fidelity_reference["inception_score_mean"], rel=1e-6)
-    assert two["is_std"] == pytest.approx(fidelity_reference["inception_score_std"], rel=1e-6)
-    assert two["fid"] > 1.0 and two["is_mean"] > 1.05  # a real signal, not a degenerate network
-    one, _ = evaluate_folders(_folders_config(image_folders, inception_weights, 1))
-    # Chunks are merged in a fixed order: bit-identical, not merely close.
-    assert (one["fid"], one["is_mean"], one["is_std"]) == (two["fid"], two["is_mean"], two["is_std"])
-    assert one["protocol"]["protocol_id"] == two["protocol"]["protocol_id"]
-    assert two["protocol"]["metric"] == f"FID-{IMAGES_PER_SET}"
+def test_pool_fid_and_is_equal_torch_fidelity(ray_local, image_folders, inception_weights, fidelity_reference) -> None:
+    result, previews = evaluate_folders(_folders_config(image_folders, inception_weights, 2))
+    assert result["count1"] == result["count2"] == IMAGES_PER_SET
+    assert result["fid"] == pytest.approx(fidelity_reference["frechet_inception_distance"], rel=1e-6)
+    assert result["is_mean"] == pytest.approx(fidelity_reference["inception_score_mean"], rel=1e-6)
+    assert result["is_std"] == pytest.approx(fidelity_reference["inception_score_std"], rel=1e-6)
+    assert result["fid"] > 1.0 and result["is_mean"] > 1.05  # a real signal, not a degenerate network
+    assert result["protocol"]["metric"] == f"FID-{IMAGES_PER_SET}"
+    assert result["protocol"]["weights_sha256"] == load_inception_weights(inception_weights).fingerprint
+    assert [p.shape for p in previews] == [(16, 32, 32, 3), (16, 32, 32, 3)]
 
 
 def _chunks(folder: str) -> list[Chunk]:
@@ -43,14 +41,44 @@ def _chunks(folder: str) -> list[Chunk]:
     return [Chunk(i, "input1", part, logits=True) for i, part in enumerate(image_set.slices)]
 
 
-def test_killed_worker_chunks_are_redone_elsewhere_and_counted_once(ray_local, image_folders, inception_weights) -> None:
+@pytest.fixture(scope="module")
+def single_process(image_folders, inception_weights) -> ResultMerger:
+    """Input1's chunks evaluated in this process by one worker, merged in order."""
     chunks = _chunks(image_folders[0])
-    settings = WorkerSettings(inception_weights, batch_size=4)
-    single = EvalWorker(settings, ScoreTask())
-    expected = ResultMerger(len(chunks))
-    for chunk in chunks:
-        expected.add(single.run(chunk))
+    worker = EvalWorker(WorkerSettings(inception_weights, batch_size=4), ScoreTask())
+    merger = ResultMerger(len(chunks))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each pool worker (cpus_per_worker=1)
+    try:
+        for chunk in chunks:
+            merger.add(worker.run(chunk))
+    finally:
+        torch.set_num_threads(threads)
+    return merger
 
+
+def _assert_same_bits(merged, expected: ResultMerger) -> None:
+    assert merged.count("input1") == IMAGES_PER_SET
+    assert torch.equal(merged.sums["input1"].outer, expected.merged.sums["input1"].outer)
+    assert torch.equal(merged.sums["input1"].total, expected.merged.sums["input1"].total)
+    assert torch.equal(merged.all_logits("input1"), expected.merged.all_logits("input1"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_any_worker_count_gives_the_single_process_bits(ray_local, image_folders, inception_weights, single_process,
+                                                        workers: int) -> None:
+    chunks = _chunks(image_folders[0])
+    with EvalPool(WorkerSettings(inception_weights, batch_size=4, threads=1), ScoreTask(),
+                  PoolSettings(num_workers=workers, progress=False)) as pool:
+        merged, report = pool.run(chunks)
+    assert len(set(report.chunk_workers.values())) == workers  # every worker did some of it
+    _assert_same_bits(merged, single_process)
+
+
+def test_killed_worker_chunks_are_redone_elsewhere_and_counted_once(ray_local, image_folders, inception_weights,
+                                                                     single_process) -> None:
+    chunks = _chunks(image_folders[0])
+    settings = WorkerSettings(inception_weights, batch_size=4, threads=1)
     killed: list[int] = []
     with EvalPool(settings, ScoreTask(), PoolSettings(num_workers=2, progress=False)) as pool:
         pids = pool.worker_pids()
@@ -69,10 +97,8 @@ def test_killed_worker_chunks_are_redone_elsewhere_and_counted_once(ray_local, i
     assert killed and report.workers_replaced == 1 and report.retried_chunks >= 1
     assert sorted(report.chunk_workers) == list(range(len(chunks)))
     assert killed[0] not in report.chunk_workers.values()
-    assert merged.count("input1") == IMAGES_PER_SET == report.images
-    assert torch.equal(merged.sums["input1"].outer, expected.merged.sums["input1"].outer)
-    assert torch.equal(merged.sums["input1"].total, expected.merged.sums["input1"].total)
-    assert torch.equal(merged.all_logits("input1"), expected.merged.all_logits("input1"))
+    assert report.images == IMAGES_PER_SET
+    _assert_same_bits(merged, single_process)
 
 
 def test_bad_image_fails_the_job_at_once_with_its_name(ray_local, tmp_path, inception_weights) -> None:
