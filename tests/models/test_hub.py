@@ -149,5 +149,8 @@ def test_teacher_loads_from_a_weight_file(store_root: str) -> None:
     _same_state(teacher, loaded)
     x = images(2)
     assert torch.equal(loaded.encode_to_codes(x), teacher.encode_to_codes(x))
+    inferred = load_maskgit_vqgan(url)  # geometry read from the weights
+    assert inferred.config == TINY_PIXEL
+    _same_state(teacher, inferred)
     with pytest.raises(ValueError, match="do not fit"):
-        load_maskgit_vqgan(url)  # the default f16 geometry differs from this tiny file
+        load_maskgit_vqgan(url, build_maskgit_vqgan().config)  # the published f16 geometry differs

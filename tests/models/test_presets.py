@@ -95,3 +95,12 @@ def test_meta_build_of_l32_allocates_nothing() -> None:
     size = sum(t.numel() * t.element_size() for t in tensors)
     assert size > 2.5e9  # what a real build would allocate (641M fp32 parameters)
     assert grown < 100e6, f"RSS grew by {grown / 1e6:.0f} MB"
+
+
+def test_teacher_geometry_is_read_from_the_published_layout() -> None:
+    from trainer.models import PixelDecoderConfig
+    from trainer.models.maskgit_vqgan import pixel_config_from_state
+
+    with torch.device("meta"):
+        state = build_maskgit_vqgan().state_dict()
+    assert pixel_config_from_state(state) == PixelDecoderConfig()

@@ -33,7 +33,7 @@ from trainer.models.config import (
     published_tokenizer_config,
 )
 from trainer.models.generator import MaskedTokenGenerator, build_generator
-from trainer.models.maskgit_vqgan import MaskGITVQGAN
+from trainer.models.maskgit_vqgan import MaskGITVQGAN, pixel_config_from_state
 from trainer.models.titok import TiTok
 
 CONFIG_NAME = "config.json"
@@ -292,9 +292,11 @@ def load_generator(source: str, config: ConfigLike[GeneratorConfig] = None) -> M
 
 def load_maskgit_vqgan(source: str, config: PixelDecoderConfig | None = None) -> MaskGITVQGAN:
     """The MaskGIT-VQGAN teacher from a weight file (path, ``s3://`` or http(s) URL, e.g. the authors'
-    ``maskgit-vqgan-imagenet-f16-256.bin``), frozen and in eval mode."""
-    model = _load_into(lambda: MaskGITVQGAN(config), load_state_dict_file(str(source)), str(source))
-    return model.requires_grad_(False)
+    ``maskgit-vqgan-imagenet-f16-256.bin``), frozen and in eval mode. Without ``config`` the
+    geometry is read from the weights' shapes."""
+    state = load_state_dict_file(str(source))
+    cfg = config or pixel_config_from_state(state)
+    return _load_into(lambda: MaskGITVQGAN(cfg), state, str(source)).requires_grad_(False)
 
 
 def save_pretrained(model: nn.Module, directory: str, safe_serialization: bool = True) -> None:

@@ -12,6 +12,8 @@ when a block changes the channel count, the 1x1 shortcut is applied to the block
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,6 +182,25 @@ class MaskGITVQGAN(nn.Module):
                 raise ValueError(f"flat codes need a square grid, got {codes.shape[1]} codes per image")
             codes = codes.view(codes.shape[0], side, side)
         return self.decoder(self.quantize.lookup(codes.long())).clamp(0.0, 1.0)
+
+
+def pixel_config_from_state(state: Mapping[str, torch.Tensor]) -> PixelDecoderConfig:
+    """The geometry of a MaskGIT-VQGAN state dict (``encoder.*``/``decoder.*``/``quantize.*`` keys).
+
+    Read from tensor shapes: z channels from ``decoder.conv_in``, base width from ``encoder.conv_in``,
+    one level per ``decoder.up.{i}``, blocks per level from ``decoder.up.0.block.*``. Falls back to
+    the published f16 geometry when the keys are not there (the strict load then names them).
+    """
+    try:
+        hidden = state["encoder.conv_in.weight"].shape[0]
+        levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.up."))
+        mult = [state[f"decoder.up.{i}.block.0.conv1.weight"].shape[0] // hidden for i in range(levels)]
+        blocks = sum(1 for k in state if k.startswith("decoder.up.0.block.") and k.endswith(".conv1.weight"))
+        return PixelDecoderConfig(hidden_channels=hidden, channel_mult=mult, num_res_blocks=blocks,
+                                  z_channels=state["decoder.conv_in.weight"].shape[1],
+                                  codebook_size=state["quantize.embedding.weight"].shape[0])
+    except (KeyError, ValueError, IndexError):
+        return PixelDecoderConfig()
 
 
 def build_maskgit_vqgan(cfg: PixelDecoderConfig | None = None) -> MaskGITVQGAN:
