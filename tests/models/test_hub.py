@@ -54,7 +54,7 @@ def test_tokenizer_round_trip_is_exact(store_root: str, safe: bool) -> None:
 def test_generator_round_trip_is_exact(store_root: str, model_type: str) -> None:
     model = randomize_(build_generator(tiny_generator_config(model_type))).eval()
     directory = storage.join(store_root, "gen")
-    save_pretrained(model, directory)
+    model.save_pretrained(directory)  # the method form writes the same as save_pretrained(model, ...)
     loaded = load_generator(directory)
     assert type(loaded) is type(model) and loaded.config == model.config
     _same_state(model, loaded)

@@ -91,6 +91,15 @@ class GradCheckpointing:
         return block(*args)
 
 
+class SavePretrained:
+    """Mixin: ``model.save_pretrained(directory)`` writes the hub format (see trainer.models.hub)."""
+
+    def save_pretrained(self, directory: str, safe_serialization: bool = True) -> None:
+        from trainer.models.hub import save_pretrained
+
+        save_pretrained(self, directory, safe_serialization=safe_serialization)  # type: ignore[arg-type]
+
+
 def autocast_disabled(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context that turns autocast off on ``tensor``'s device (fp32 islands, e.g. quantizers)."""
     if tensor.is_meta:  # shape inference only; autocast has no meta backend

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.blocks import GradCheckpointing, merge_heads, split_heads
+from trainer.models.blocks import GradCheckpointing, SavePretrained, merge_heads, split_heads
 from trainer.models.config import GeneratorConfig
 
 
-class MaskedTokenGenerator(GradCheckpointing, nn.Module):
+class MaskedTokenGenerator(SavePretrained, GradCheckpointing, nn.Module):
     """Shared interface: ids helpers and :meth:`logits` (``forward`` is the same call)."""
 
     def __init__(self, cfg: GeneratorConfig) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.blocks import GradCheckpointing, ResidualAttentionBlock, init_vit_weights
+from trainer.models.blocks import GradCheckpointing, ResidualAttentionBlock, SavePretrained, init_vit_weights
 from trainer.models.config import TiTokConfig
 from trainer.models.maskgit_vqgan import MaskGITVQGAN, PixelDecoder, ProxyCodebook
 from trainer.models.quantizer import DiagonalGaussianLatent, VectorQuantizer
@@ -130,7 +130,7 @@ class TiTokDecoder(GradCheckpointing, nn.Module):
         return self.conv_out(self.ffn(x))
 
 
-class TiTok(GradCheckpointing, nn.Module):
+class TiTok(SavePretrained, GradCheckpointing, nn.Module):
     """The TiTok tokenizer. Images are float (B, 3, H, W) in [0, 1].
 
     Outputs of :meth:`forward`/:meth:`decode` by config:
