@@ -117,11 +117,12 @@ class InceptionFeatures:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images``: uint8 [B, 3, H, W]. Returns (pool [B, 2048], logits [B, 1008]), float32 on the CPU."""
+        """``images``: uint8 [B, 3, H, W]. Returns (pool [B, 2048], logits [B, 1008]), float32 on the
+        network's device."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         pool, logits = self.net(images.to(self.device, non_blocking=True))
-        return pool.float().cpu(), logits.float().cpu()
+        return pool.float(), logits.float()
 
 
 def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -180,7 +180,7 @@ def evaluate_reconstruction(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[di
     data = _resolve(cfg, e.data)  # type: ignore[arg-type]
     if data.kind == "npz_stats":
         raise BadInputError(f"eval.data={e.data} holds statistics; reconstruction needs images")
-    _check_pixel_tokenizer(checkpoint.url)
+    _check_pixel_tokenizer(checkpoint.url, e.image_size)
     reference = load_reference(data, weights.fingerprint, e.stats_cache)
     task = ReconstructionTask(checkpoint.url, score_originals=reference is None, image_size=e.image_size)
     merged, report = _run_pool(cfg, task, _chunks_of(data, "data", 0, preview=e.preview_images), weights,
@@ -264,8 +264,9 @@ def _export_config(url: str) -> dict[str, Any]:
     return json.loads(storage.read_text(config_url))
 
 
-def _check_pixel_tokenizer(url: str) -> None:
-    """rFID needs a tokenizer that decodes to pixels (not a stage-1 proxy-code model)."""
+def _check_pixel_tokenizer(url: str, image_size: int) -> None:
+    """rFID needs a tokenizer that decodes to pixels (not a stage-1 proxy-code model), of the
+    evaluation's image size."""
     from trainer.models import tokenizer_config_from_json
 
     try:
@@ -275,6 +276,9 @@ def _check_pixel_tokenizer(url: str) -> None:
     if config.is_legacy and not config.finetune_decoder:
         raise BadInputError(f"{url} is a stage-1 tokenizer (finetune_decoder=false): it predicts proxy codes, "
                             "not pixels; evaluate a stage-2 (decoder_finetune) or single-stage export")
+    if config.image_size != image_size:
+        raise BadInputError(f"{url} takes {config.image_size}x{config.image_size} images but eval.image_size="
+                            f"{image_size}; set eval.image_size={config.image_size}")
 
 
 def _generator_num_classes(url: str) -> int:

@@ -30,29 +30,34 @@ class FeatureSums:
     count: int = 0
     total: torch.Tensor = field(default=None)   # type: ignore[assignment]  float64 [D]
     outer: torch.Tensor = field(default=None)   # type: ignore[assignment]  float64 [D, D]
+    device: str = "cpu"                          # where the sums accumulate (a GPU worker keeps them there)
 
     def __post_init__(self) -> None:
         if self.total is None:
-            self.total = torch.zeros(self.dim, dtype=torch.float64)
+            self.total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         if self.outer is None:
-            self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+            self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
 
     def add(self, features: torch.Tensor) -> None:
-        """Accumulate a batch [B, D] (any float dtype, any device; sums stay float64 on the CPU)."""
+        """Accumulate a batch [B, D] of any float dtype (moved to the sums' device, summed in float64)."""
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"expected features [B, {self.dim}], got {tuple(features.shape)}")
-        f = features.detach().to(torch.float64)
+        f = features.detach().to(self.total.device, torch.float64)
         self.count += f.shape[0]
-        self.total += f.sum(dim=0).cpu()
-        self.outer += (f.T @ f).cpu()
+        self.total += f.sum(dim=0)
+        self.outer += f.T @ f
+
+    def cpu(self) -> "FeatureSums":
+        """These sums on the CPU (what a worker returns)."""
+        return FeatureSums(self.dim, self.count, self.total.cpu(), self.outer.cpu())
 
     def merge(self, other: "FeatureSums") -> "FeatureSums":
         """In place: add another slice's sums. Returns self."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge {other.dim}-d sums into {self.dim}-d sums")
         self.count += other.count
-        self.total += other.total
-        self.outer += other.outer
+        self.total += other.total.to(self.total.device)
+        self.outer += other.outer.to(self.outer.device)
         return self
 
     @classmethod
@@ -70,7 +75,7 @@ class FeatureSums:
         mu = self.total / n
         sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
         sigma = 0.5 * (sigma + sigma.T)  # exact symmetry (the outer sums are symmetric up to rounding)
-        return FidStats(mu.numpy(), sigma.numpy(), n, source)
+        return FidStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, source)
 
 
 @dataclass

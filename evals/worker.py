@@ -131,6 +131,10 @@ class EvalWorker:
         self.device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
         if settings.use_gpu and self.device.type != "cuda":
             raise RuntimeError("eval.use_gpu=true but this worker sees no CUDA device")
+        if self.device.type == "cuda":
+            # The FID protocol is float32 Inception: no TF32 (on by default for cuDNN convolutions).
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.settings, self.task = settings, task
         self.features = InceptionFeatures(weights or load_inception_weights(settings.inception_weights), self.device)
         self.tokenizer = self.generator = None
@@ -158,6 +162,7 @@ class EvalWorker:
                 self._score_reconstruction(batch, chunk, result)
             else:
                 self._score(chunk.set_name, batch.images, chunk, result)
+        result.sums = {name: sums.cpu() for name, sums in result.sums.items()}
         result.report = report.as_dict()
         result.seconds = time.perf_counter() - started
         result.worker_pid = os.getpid()
@@ -183,14 +188,15 @@ class EvalWorker:
                                   device=self.device)
             images = sample_images(self.generator, self.tokenizer, labels, [sample_seed(task.seed, i) for i in indices],
                                    task.sampling)  # uint8 [N, H, W, 3]
-            yield Batch(images.permute(0, 3, 1, 2).contiguous().cpu(), labels.cpu())
+            yield Batch(images.permute(0, 3, 1, 2).contiguous(), labels)  # stays on the device
 
     # --- scoring --------------------------------------------------------------------------------
     def _score(self, set_name: str, images: torch.Tensor, chunk: Chunk, result: ChunkResult, logits: bool | None = None,
                preview: int | None = None) -> None:
         pool, batch_logits = self.features(images)
-        result.sums.setdefault(set_name, FeatureSums(FEATURE_DIM)).add(pool)
+        result.sums.setdefault(set_name, FeatureSums(FEATURE_DIM, device=str(self.device))).add(pool)
         if chunk.logits if logits is None else logits:
+            batch_logits = batch_logits.cpu()
             previous = result.logits.get(set_name)
             result.logits[set_name] = batch_logits if previous is None else torch.cat([previous, batch_logits])
         _keep_preview(result, set_name, images, chunk.preview if preview is None else preview)
@@ -211,7 +217,7 @@ class EvalWorker:
         if task.score_originals:
             self._score("reference", batch.images, chunk, result, logits=False, preview=0)
         _keep_preview(result, "original", batch.images, chunk.preview)
-        self._score("reconstruction", recon_uint8.cpu(), chunk, result)
+        self._score("reconstruction", recon_uint8, chunk, result)
         recon_float = recon_uint8.float().div_(255.0)
         result.psnr_sum += float(psnr(recon_float, originals).double().sum())
         result.ssim_sum += float(ssim(recon_float, originals).double().sum())
@@ -223,7 +229,7 @@ def _keep_preview(result: ChunkResult, name: str, images: torch.Tensor, keep: in
     have = result.previews.get(name)
     taken = 0 if have is None else have.shape[0]
     if taken < keep:
-        more = images[: keep - taken].permute(0, 2, 3, 1).numpy()
+        more = images[: keep - taken].permute(0, 2, 3, 1).cpu().numpy()
         result.previews[name] = more if have is None else np.concatenate([have, more])
 
 
