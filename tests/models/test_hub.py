@@ -131,7 +131,10 @@ def test_missing_sources_are_clear_errors(tmp_path, monkeypatch) -> None:
         load_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_tokenizer(str(tmp_path / "absent" / "dir"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the hub path must fail fast and say so
+    import huggingface_hub.constants
+
+    # No network in tests: offline mode makes the hub path fail fast, and it must say what failed.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="hub download failed"):
         load_tokenizer("nobody-here/tokenizer_titok_l32_imagenet")
     with pytest.raises(TypeError, match="save_pretrained takes"):

@@ -10,7 +10,6 @@ the authors' checkpoints load unchanged and give the same tokens and pixels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.models.blocks import GradCheckpointing, ResidualAttentionBlock, SavePretrained, init_vit_weights
