@@ -159,3 +159,30 @@ def test_features_follow_torch_fidelity_input_contract(inception_weights: str) -
     assert (pool[0] - pool[1]).abs().max() > 1e-2
     with pytest.raises(ValueError, match="uint8"):
         net(images.float())
+
+
+def test_fid_50k_guard_and_labels() -> None:
+    from evals.jobs import check_sample_count, fid_label
+    from evals.pool import EvalError
+    from evals.tracking import metrics_of
+
+    assert fid_label(50_000) == "FID-50k" and fid_label(10_000, "rFID") == "rFID-10k" and fid_label(1234) == "FID-1234"
+    check_sample_count(50_000, 50_000)
+    with pytest.raises(EvalError, match="refusing to report FID-50k"):
+        check_sample_count(49_999, 50_000)
+    result = {"kind": "generation", "fid": 2.5, "is_mean": 200.0, "is_std": 3.0, "count": 50_000,
+              "protocol": {"metric": fid_label(50_000)}}
+    assert metrics_of(result)["eval/fid_50k"] == 2.5 and metrics_of(result)["eval/is"] == 200.0
+    result.update(count=49_000, protocol={"metric": fid_label(49_000)})
+    assert "eval/fid_50k" not in metrics_of(result) and metrics_of(result)["eval/fid"] == 2.5
+
+
+def test_sample_seeds_and_labels_depend_only_on_the_index() -> None:
+    from evals.worker import sample_label, sample_seed
+
+    seeds = [sample_seed(0, i) for i in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**63 for s in seeds)
+    assert seeds[:10] == [sample_seed(0, i) for i in range(10)]  # pure function of (seed, index)
+    assert sample_seed(1, 5) != sample_seed(0, 5)
+    labels = [sample_label(i, 1000) for i in range(50_000)]
+    assert np.bincount(labels).tolist() == [50] * 1000  # FID-50k: 50 per class
