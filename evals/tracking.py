@@ -122,5 +122,5 @@ def _log_param(client, run_id: str, key: str, value: str) -> None:
     if existing is None:
         client.log_param(run_id, key, value)
     elif existing != value:
-        log.warning("%s was %s in this run and is now %s; recorded as tag %s@latest", key, existing, value, key)
-        client.set_tag(run_id, f"{key}@latest", value)
+        log.warning("%s was %s in this run and is now %s; recorded as tag %s:latest", key, existing, value, key)
+        client.set_tag(run_id, f"{key}:latest", value)
