@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from trainer.config import ConfigError
+from trainer.losses.config import DiscriminatorConfig, PixelLossConfig
 from trainer.models.config import GeneratorConfig, TiTokConfig
+from trainer.sample import SamplingConfig
 
 
 class Stage(str, enum.Enum):
@@ -159,6 +161,12 @@ class TokenizerRecipeConfig:
     teacher_weights: Optional[str] = None
     # A tokenizer export (dir with config.json + model.safetensors) to start from, e.g. stage 1's.
     init_from: Optional[str] = None
+    # Pixel recipes (decoder_finetune, single_stage): L2 + perceptual + adversarial terms.
+    losses: PixelLossConfig = field(default_factory=PixelLossConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    # The discriminator's own AdamW (the authors: same settings as the tokenizer's; its schedule runs
+    # over the whole run like the tokenizer's).
+    discriminator_optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 @dataclass
@@ -171,17 +179,28 @@ class TokenizerTrainConfig(TrainConfigBase):
             raise ConfigError("data.image_size", f"{self.data.image_size} differs from model.image_size "
                                                  f"{self.model.image_size}; set both")
         stage1 = self.tokenizer.recipe == TokenizerRecipe.proxy_codes
-        if stage1 == self.model.finetune_decoder:
+        outputs_pixels = self.model.finetune_decoder or not self.model.is_legacy
+        if stage1 and outputs_pixels:
             raise ConfigError("model.finetune_decoder",
-                              f"must be {str(not stage1).lower()} for tokenizer.recipe={self.tokenizer.recipe.value} "
-                              "(stage 1 predicts proxy codes; the pixel recipes decode to pixels)")
+                              "must be false (with model.is_legacy=true) for tokenizer.recipe=proxy_codes: "
+                              "stage 1 predicts proxy codes")
+        if not stage1 and not outputs_pixels:
+            raise ConfigError("model.finetune_decoder",
+                              f"tokenizer.recipe={self.tokenizer.recipe.value} trains on pixels: set "
+                              "model.finetune_decoder=true (MaskGIT-VQGAN pixel decoder) or model.is_legacy=false "
+                              "(the decoder predicts pixels directly)")
 
 
 @dataclass
 class GeneratorRecipeConfig:
-    # Tokenizer export whose tokens the generator models; decodes sample grids for MLflow.
+    # Tokenizer export whose tokens the generator models; decodes the preview sample grids.
     tokenizer: Optional[str] = None
+    # A generator export to start from (fine-tuning).
+    init_from: Optional[str] = None
     label_smoothing: float = 0.1
+    # Loss weight of visible (unmasked) tokens; masked tokens weigh 1 (the authors' MLM loss).
+    loss_weight_unmasked_token: float = 0.1
+    preview_sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass

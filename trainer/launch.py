@@ -1,0 +1,92 @@
+"""Driver side of ``trainer/run.py``: connect to Ray and run a Ray Train ``TorchTrainer``.
+
+The driver owns what must happen once per job: the run directory and its resolved config, the MLflow
+run (created once, re-opened on resume), the Ray Train wiring (scaling, storage, checkpoint keeping,
+failure restarts). The workers run :func:`trainer.loop.train_worker`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from cluster import storage
+from cluster.local import apply_service_env
+from trainer.config import to_yaml
+from trainer.schema import TrainConfigBase
+
+# Variables a worker on another node needs to reach the same services. Credentials are deliberately
+# absent: on a cluster they come from instance roles, locally workers inherit the environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "MLFLOW_TRACKING_URI", "DS_ACCELERATOR", "TITOK_S3_MULTIPART_THRESHOLD",
+                 "TITOK_S3_MULTIPART_CHUNKSIZE")
+
+
+def connect_ray() -> None:
+    """``RAY_ADDRESS`` (set by `ray job submit` or `cluster.local up`), else a fresh local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
+             log_to_driver=True, configure_logging=False)
+
+
+def absolute_run_dir(cfg: TrainConfigBase) -> str:
+    run_dir = cfg.run_dir
+    return run_dir if storage.is_remote(run_dir) else str(Path(run_dir).resolve())
+
+
+def launch(cfg: TrainConfigBase) -> int:
+    """Train until ``trainer.max_steps``; resumes from the latest checkpoint under ``output_dir``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer import tracking
+    from trainer.loop import train_worker
+
+    apply_service_env()
+    cfg.output_dir = absolute_run_dir(cfg)
+    run_dir = cfg.output_dir
+    storage.ensure_bucket(run_dir)
+    storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+
+    run_ref = None
+    if cfg.mlflow.enabled:
+        tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        run_ref = tracking.open_run(cfg, run_dir, tracking_uri, cfg.mlflow.experiment,
+                                    tags={"run_name": cfg.run_name, "stage": cfg.stage.value,
+                                          "experiment": cfg.experiment or "", "output_dir": run_dir})
+        print(f"MLflow run {run_ref.run_id} at {tracking_uri}", flush=True)
+
+    connect_ray()
+    fs, path = storage.pyarrow_filesystem(run_dir)
+    tr = cfg.trainer
+    resources = {"CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg, "mlflow": run_ref},
+        scaling_config=ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=tr.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tr.max_failures),
+        ),
+    )
+    started = time.time()
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        if run_ref is not None:
+            tracking.finish_run(run_ref, status)
+    print(f"done in {time.time() - started:.0f}s; run dir {run_dir}; last checkpoint "
+          f"{result.checkpoint.path if result.checkpoint else None}", flush=True)
+    return 0
