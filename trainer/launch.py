@@ -7,32 +7,14 @@ failure restarts). The workers run :func:`trainer.loop.train_worker`.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from cluster import storage
 from cluster.local import apply_service_env
+from cluster.ray_session import connect_ray
 from trainer.config import to_yaml
 from trainer.schema import TrainConfigBase
-
-# Variables a worker on another node needs to reach the same services. Credentials are deliberately
-# absent: on a cluster they come from instance roles, locally workers inherit the environment.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "MLFLOW_TRACKING_URI", "DS_ACCELERATOR", "TITOK_S3_MULTIPART_THRESHOLD",
-                 "TITOK_S3_MULTIPART_CHUNKSIZE")
-
-
-def connect_ray() -> None:
-    """``RAY_ADDRESS`` (set by `ray job submit` or `cluster.local up`), else a fresh local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
-             log_to_driver=True, configure_logging=False)
 
 
 def absolute_run_dir(cfg: TrainConfigBase) -> str:
