@@ -78,8 +78,9 @@ def main() -> int:
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "titok-bench-jpegs"))
     args = parser.parse_args()
 
+    from cluster.ray_session import connect_ray
     from data_prep.schema import ShardConfig
-    from data_prep.shard import connect_ray, write
+    from data_prep.shard import write
     from trainer.config import build_config
 
     root = Path(args.data_dir)

@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # `python data_prep/shard.py`: import from the re
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from cluster import storage  # noqa: E402
+from cluster.ray_session import connect_ray  # noqa: E402
 from data_prep import manifest  # noqa: E402
 from data_prep.schema import ResumeCheck, ShardConfig, ShardMode  # noqa: E402
 from data_prep.shard_plan import fingerprint, plan_shards  # noqa: E402
@@ -54,10 +55,6 @@ from data_prep.sources import InputError, list_split  # noqa: E402
 
 EXIT_INPUT_ERROR = 2
 EXIT_FAILED = 1
-# What a Ray worker on another node needs to reach the same storage (credentials come from the
-# node's own chain: instance role, profile or its environment).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "TITOK_S3_MULTIPART_THRESHOLD", "TITOK_S3_MULTIPART_CHUNKSIZE")
 
 
 @dataclass
@@ -109,21 +106,6 @@ class PlanMismatch(InputError):
 
 # ----------------------------------------------------------------------------------------------
 # Ray
-
-
-def connect_ray() -> float:
-    """Connect to ``RAY_ADDRESS`` or start a local Ray; returns the seconds it took (0 if connected)."""
-    import ray
-
-    if ray.is_initialized():
-        return 0.0
-    start = time.time()
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True,
-             configure_logging=False, **kwargs)
-    return time.time() - start
 
 
 def _run_tasks(fn, count: int, make_args, workers: int, on_done) -> list[tuple[int, Any, BaseException | None]]:
@@ -319,4 +301,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ShardReport", "VerifyReport", "write", "verify", "connect_ray", "main"]
+__all__ = ["ShardReport", "VerifyReport", "write", "verify", "main"]

@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cluster import storage
     from cluster.local import apply_service_env
+    from cluster.ray_session import connect_ray
     from evals.inception import InceptionWeightsError
     from evals.jobs import checkpoint_to_evaluate, evaluate_and_log
     from evals.pool import EvalError
     from evals.sources import BadInputError
     from evals.watch import watch
-    from trainer.launch import connect_ray
 
     apply_service_env()
     try:
