@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import yaml
 
 from cluster import storage
 from evals.inception import NETWORK_DESCRIPTION, InceptionWeights, load_inception_weights
@@ -32,6 +31,7 @@ from evals.sources import BadInputError, ImageSet, resolve_input
 from evals.stats import IS_SPLITS, FidStats, frechet_distance, inception_score
 from evals.worker import (Chunk, GeneratedSlice, GenerationTask, ReconstructionTask, ScoreTask, Task,
                           WorkerSettings)
+from trainer.sample import run_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,10 @@ def evaluate_generation(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[s
     """gFID and IS of ``eval.num_samples`` class-conditional samples against reference statistics."""
     e = cfg.eval
     weights = load_inception_weights(e.inception_weights)
-    tokenizer = e.tokenizer or _run_tokenizer(checkpoint)
+    tokenizer = e.tokenizer or run_tokenizer(checkpoint.url)
+    if not tokenizer:
+        raise BadInputError(f"no tokenizer known for {checkpoint.url} (its run's config.yaml names none): "
+                            "set eval.tokenizer=<tokenizer export>")
     num_classes = _generator_num_classes(checkpoint.url)
     if e.num_samples % num_classes:
         log.warning("eval.num_samples=%d is not a multiple of the %d classes: classes are not equally represented",
@@ -244,17 +247,6 @@ def evaluate_generation(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[s
         "images_per_s": report.images_per_s,
     }
     return result, _previews(merged, ["samples"])
-
-
-def _run_tokenizer(checkpoint: Checkpoint) -> str:
-    """The tokenizer a generator run was trained with (``generator.tokenizer`` of its config.yaml)."""
-    run_dir = checkpoint.run_dir
-    config_url = storage.join(run_dir, "config.yaml") if run_dir else None
-    if config_url and storage.exists(config_url):
-        tokenizer = (yaml.safe_load(storage.read_text(config_url)) or {}).get("generator", {}).get("tokenizer")
-        if tokenizer:
-            return str(tokenizer)
-    raise BadInputError(f"no tokenizer known for {checkpoint.url}: set eval.tokenizer=<tokenizer export>")
 
 
 def _export_config(url: str) -> dict[str, Any]:

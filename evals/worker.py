@@ -21,6 +21,7 @@ import torch
 from evals.inception import FEATURE_DIM, InceptionFeatures, InceptionWeights, load_inception_weights
 from evals.sources import BadInputError, Batch, ImageSlice, SliceReport
 from evals.stats import FeatureSums
+from trainer.sample import sample_label, sample_seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,18 +99,6 @@ class ChunkResult:
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def sample_seed(base_seed: int, index: int) -> int:
-    """The seed of sample ``index``: a hash of (base seed, index), so any split gives the same image."""
-    state = np.random.SeedSequence([base_seed, index]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1  # < 2**63
-
-
-def sample_label(index: int, num_classes: int) -> int:
-    """Class of sample ``index``: round-robin, so N = k * num_classes gives k per class and every
-    prefix of the list is as balanced as it can be."""
-    return index % num_classes
 
 
 @dataclass(frozen=True)
