@@ -6,27 +6,30 @@
 Library: :func:`sample_tokens` (token ids) and :func:`sample_images` (uint8 images), used by the
 evaluation workers, the trainer's preview grids and the command line.
 
-Decoding follows the authors' ``generate()`` (../shared/spec section 4): all K tokens start masked;
-at step s of T (r = (s+1)/T) the generator predicts every position with classifier-free guidance, the
-logits are divided by ``0.5 + 0.8 (1 - r)`` (softmax temperature annealing), every masked position
-draws a token at temperature ``tau = randomize_temperature * (1 - r)``, and the
-``floor(K * arccos(r) / (pi/2))`` least confident new tokens (sampled logit + tau * Gumbel noise)
-are masked again. Two deliberate differences, neither changing the distribution of samples:
+Decoding follows the authors' ``generate()`` (bytedance/1d-tokenizer, modeling/maskgit.py): all K
+tokens start masked; at step s of T (r = (s+1)/T) the generator predicts every position with
+classifier-free guidance, the logits are divided by ``0.5 + 0.8 (1 - r)`` (softmax temperature
+annealing), every masked position draws a token at temperature ``tau = randomize_temperature *
+(1 - r)``, and the ``floor(K * arccos(r) / (pi/2))`` least confident new tokens (sampled logit +
+tau * Gumbel noise) are masked again. Two deliberate differences, neither changing the distribution
+of the samples:
 
 * Every random draw of sample i comes from its own ``torch.Generator`` seeded with seeds[i], so a
-  sample depends only on (label, seed): the same image alone, in any batch, on any worker.
+  sample depends only on (label, seed) and the settings: the same image alone, in any batch, on any
+  worker (batches are padded to ``batch_size`` rows, so the arithmetic has one shape throughout).
 * A token is drawn from softmax(logits / tau) by inverting its CDF with one uniform number per
   position, not as argmax(logits + tau * Gumbel) with one number per position *and* codebook entry:
-  the same categorical distribution (Gumbel-max), with 4096x fewer random numbers, which are drawn
-  on the CPU for reproducibility across devices (bench/sampling_throughput.py: noise of codebook size
-  would cost more than the model at batch 32).
+  the same categorical distribution (Gumbel-max), with 4096x fewer random numbers. They are drawn
+  on the CPU (reproducible across devices), where Gumbel noise of codebook size would cost more
+  than the model itself (bench/sampling_throughput.py).
 
-Command line: sample ``i`` gets class ``labels[i % len(labels)]`` (default: ``i % num_classes``, the
-balanced order of the generation eval) and seed ``sample_seed(seed, i)``, so ``seed=0
-num_samples=50000`` draws exactly the images ``evals/run.py eval.kind=generation eval.seed=0``
-scores. Written to ``output``: ``samples.npz`` (``arr_0`` uint8 [N, H, W, 3], the layout of the ADM
-evaluation suite, streamed to disk batch by batch; ``labels`` int64 [N]) and ``samples.png`` (a grid
-of the first ``grid_images``). ``--help`` prints every setting.
+Command line: sample ``i`` gets class ``labels[i % len(labels)]`` (default ``i % num_classes``, the
+balanced order of the generation eval) and seed ``sample_seed(seed, i)``: ``seed=0
+num_samples=50000`` draws the images that ``evals/run.py eval.kind=generation eval.seed=0`` scores
+with the same ``sampling`` settings. Written to ``output``: ``samples.npz`` (``arr_0`` uint8
+[N, H, W, 3], the layout of the ADM evaluation suite, streamed to storage batch by batch;
+``labels`` int64 [N]) and ``samples.png`` (a grid of the first ``grid_images``). ``--help`` prints
+every setting.
 """
 
 from __future__ import annotations
