@@ -34,7 +34,6 @@ keys:
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -48,13 +47,11 @@ if __package__ in (None, ""):  # `python data_prep/shard.py`: import from the re
 from cluster import storage  # noqa: E402
 from cluster.ray_session import connect_ray  # noqa: E402
 from data_prep import manifest  # noqa: E402
+from data_prep.jobs import EXIT_FAILED, EXIT_INPUT_ERROR, absolute_url, ray_concurrency, remove_stale_temp_files  # noqa: E402
 from data_prep.schema import ResumeCheck, ShardConfig, ShardMode  # noqa: E402
 from data_prep.shard_plan import fingerprint, plan_shards  # noqa: E402
 from data_prep.shard_writer import ShardOptions, ShardOutcome, ensure_shard, shard_url, verify_shard  # noqa: E402
 from data_prep.sources import InputError, list_split  # noqa: E402
-
-EXIT_INPUT_ERROR = 2
-EXIT_FAILED = 1
 
 
 @dataclass
@@ -134,12 +131,6 @@ def _run_tasks(fn, count: int, make_args, workers: int, on_done) -> list[tuple[i
     return sorted(results, key=lambda r: r[0])
 
 
-def _concurrency(cfg: ShardConfig) -> int:
-    import ray
-
-    return cfg.workers or max(1, int(ray.available_resources().get("CPU", ray.cluster_resources().get("CPU", 1))))
-
-
 # ----------------------------------------------------------------------------------------------
 # Write
 
@@ -151,28 +142,12 @@ def _settings(cfg: ShardConfig) -> dict[str, Any]:
             "jpeg_quality": cfg.jpeg_quality}
 
 
-def _absolute(url: str) -> str:
-    return url if storage.is_remote(url) else os.path.abspath(url)
-
-
-def _remove_stale_temp_files(output: str, split: str) -> None:
-    """Temp files of a killed run (local output only: S3 uploads are atomic without them)."""
-    if storage.is_remote(output):
-        return
-    pattern = re.compile(rf"^\.{re.escape(split)}-\d{{6}}\.(tar|json)\..*\.tmp$")
-    for folder in (Path(output), Path(output, "manifest", "parts")):
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if pattern.match(path.name):
-                    path.unlink(missing_ok=True)
-
-
 def write(cfg: ShardConfig) -> ShardReport:
     """Plan, write (or keep) every shard, then the manifests. Raises :class:`InputError` for unusable input."""
     from tqdm import tqdm
 
     begin = time.time()
-    output, split = _absolute(cfg.output), cfg.split.value
+    output, split = absolute_url(cfg.output), cfg.split.value
     report = ShardReport(split, output)
     listing = list_split(cfg.input, split, labels=cfg.labels, synsets=cfg.synsets)
     settings = _settings(cfg)
@@ -191,7 +166,7 @@ def write(cfg: ShardConfig) -> ShardReport:
                                         "items": len(listing.items), "shards": len(specs),
                                         "listing_rejected": listing_rejected})
     report.listing_s = time.time() - begin
-    _remove_stale_temp_files(output, split)
+    remove_stale_temp_files(output, ("", "manifest/parts"), rf"{re.escape(split)}-\d{{6}}\.(?:tar|json)")
 
     report.ray_start_s = connect_ray()
     options = ShardOptions(output=output, split=split, fingerprint=plan_fingerprint, full_decode=cfg.full_decode,
@@ -205,7 +180,7 @@ def write(cfg: ShardConfig) -> ShardReport:
         if error is not None:
             bar.write(f"shard {specs[i].name} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
 
-    results = _run_tasks(ensure_shard, len(specs), lambda i: (specs[i], options), _concurrency(cfg), on_done)
+    results = _run_tasks(ensure_shard, len(specs), lambda i: (specs[i], options), ray_concurrency(cfg.workers), on_done)
     bar.close()
     outcomes: list[ShardOutcome] = [r for _, r, e in results if e is None]
     report.failed = [specs[i].name for i, _, e in results if e is not None]
@@ -232,7 +207,7 @@ def write(cfg: ShardConfig) -> ShardReport:
 
 def verify(cfg: ShardConfig) -> VerifyReport:
     """Re-read every shard of the split and compare it with the manifests."""
-    output, split = _absolute(cfg.output), cfg.split.value
+    output, split = absolute_url(cfg.output), cfg.split.value
     if not storage.exists(manifest.shards_url(output, split)):
         raise InputError(f"no manifest for split '{split}' under {output} (write the shards first)")
     shards = manifest.read_table(manifest.shards_url(output, split)).to_pylist()
@@ -263,7 +238,7 @@ def verify(cfg: ShardConfig) -> VerifyReport:
         return shard_url(output, shard["shard"]), shard["bytes"], shard["sha256"], samples.slice(first, length).to_pylist()
 
     connect_ray()
-    for i, problems, error in _run_tasks(verify_shard, len(shards), args, _concurrency(cfg), lambda *a: None):
+    for i, problems, error in _run_tasks(verify_shard, len(shards), args, ray_concurrency(cfg.workers), lambda *a: None):
         if error is not None:
             report.problems.append(f"{shards[i]['shard']}: verification failed ({type(error).__name__}: {error})")
         else:
