@@ -1,7 +1,7 @@
-"""Config schemas of the data-preparation entry points (``shard``, ``demo_data``).
+"""Config schemas of the data-preparation entry points (``shard``, ``pretokenize``, ``demo_data``).
 
-Defaults live here; ``configs/shard.yaml`` and ``configs/demo_data.yaml`` hold the user-facing
-defaults, experiments may override them, and ``key=value`` arguments come last.
+Defaults live here; ``configs/shard.yaml``, ``configs/pretokenize.yaml`` and ``configs/demo_data.yaml``
+hold the user-facing defaults, experiments may override them, and ``key=value`` arguments come last.
 """
 
 from __future__ import annotations
@@ -70,6 +70,62 @@ class ShardConfig:
             raise ConfigError("resize", f"must be >= 8 pixels or null, got {self.resize}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError("jpeg_quality", f"must be in [1, 100], got {self.jpeg_quality}")
+
+
+class Augment(str, enum.Enum):
+    none = "none"              # one row per image: the center crop (what evaluation sees)
+    flip = "flip"              # also its horizontal mirror (flip=true): 2 rows per image
+    ten_crop = "ten_crop"      # center + 4 corner crops of a 1.1x larger center square, each also mirrored: 10 rows
+
+
+class Device(str, enum.Enum):
+    auto = "auto"    # cuda when the worker sees a GPU (use_gpu=true), else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class PretokenizeConfig:
+    """``python data_prep/pretokenize.py tokenizer=... shards=... output=...``."""
+
+    experiment: Optional[str] = None
+    # The TiTok tokenizer: an export directory (local or s3://, ours or the authors' hub layout) or a
+    # HuggingFace hub id. Required to write (mode=verify needs only the output).
+    tokenizer: Optional[str] = None
+    # Input image shards (data_prep/shard.py output): a folder/prefix holding one split's shards, a glob
+    # (dir/train-*.tar) or a brace pattern (dir/train-{000000..000009}.tar); local or s3://. Required to write.
+    shards: Optional[str] = None
+    # Where token shards go: a local folder or s3://bucket/prefix (tokens-NNNNNN.parquet + manifest.parquet).
+    output: str = MISSING
+    mode: ShardMode = ShardMode.write
+    # Side of the square the tokenizer reads (shorter side resized to it, center crop); null: the
+    # tokenizer's own. Any other value than the tokenizer's is an error, so this only pins it.
+    image_size: Optional[int] = None
+    augment: Augment = Augment.none
+    jpeg_draft: bool = False       # PIL's DCT-domain downscale while decoding (faster, not exact; eval's default is off)
+    # Images per encoder call. 1: every image is encoded alone, so its tokens are bit-identical to
+    # TiTok.encode(image[None]) whatever the workers, batching or resumes. >1 is faster on a GPU; tokens are
+    # still deterministic for that batch size but may differ from encoding alone where two codes nearly tie.
+    batch_size: int = 1
+    workers: int = 0               # tokenizer actors; 0 = one per GPU (use_gpu) or per cpus_per_worker CPUs
+    cpus_per_worker: int = 1       # CPUs reserved per actor, used as JPEG decode threads (torch on CPU: 1 thread)
+    use_gpu: bool = False          # reserve one GPU per actor
+    device: Device = Device.auto
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError("image_size", f"must be >= 8 pixels or null, got {self.image_size}")
+        for key in ("batch_size", "cpus_per_worker"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be >= 0, got {self.workers}")
+        if self.device == Device.cuda and not self.use_gpu:
+            raise ConfigError("device", "cuda needs use_gpu=true (Ray shows a GPU only to actors that reserve one)")
+        if self.device == Device.cpu and self.use_gpu:
+            raise ConfigError("use_gpu", "true reserves a GPU per actor that device=cpu would leave idle; "
+                                         "use device=auto or device=cuda")
 
 
 class DemoLayout(str, enum.Enum):
