@@ -23,9 +23,17 @@ FORWARDED_ENV = (
 )
 
 
+# Worker settings of ours, unless the user sets them. Ray Train 2.60 routes a worker's print() through
+# its logger *and* tees it to stdout once anything wraps sys.stdout (DeepSpeed, MLflow do), so every
+# progress line would reach the driver twice.
+WORKER_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def forwarded_env() -> dict[str, str]:
-    """The :data:`FORWARDED_ENV` variables set in this process."""
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    """The :data:`FORWARDED_ENV` variables set in this process, plus :data:`WORKER_ENV_DEFAULTS`."""
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    return env
 
 
 def connect_ray(num_cpus: int | None = None) -> float:

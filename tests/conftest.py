@@ -78,10 +78,12 @@ def ray_local(s3_server):
     """One local Ray instance for the session (after the S3 env is set, so workers inherit it)."""
     import ray
 
+    from cluster.ray_session import forwarded_env
+
     if not ray.is_initialized():
         # More logical CPUs than cores: tests co-schedule trainer workers, controllers and actors.
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", **forwarded_env()}})
     yield ray
     ray.shutdown()
 

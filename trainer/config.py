@@ -43,7 +43,10 @@ CONFIG_DIR_ENV = "TITOK_CONFIG_DIR"
 EXIT_CONFIG_ERROR = 2
 
 # Keys whose values never reach logs or MLflow (matched against the last path component).
-_SECRET_KEY_PATTERN = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
+# A key is secret when its last part contains one of these words, or ends in "token"/"credentials"
+# (auth_token, session_token) -- but not model keys like num_latent_tokens, token_size, tokenizer.
+_SECRET_KEY_PATTERN = re.compile(r"(secret|password|passwd|access_key|api_key|private_key)|((^|_)(token|credentials?)$)",
+                                 re.I)
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_TOKEN",
                     "MLFLOW_TRACKING_PASSWORD")
 MASK = "***"

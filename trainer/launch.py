@@ -7,6 +7,8 @@ failure restarts). The workers run :func:`trainer.loop.train_worker`.
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -66,9 +68,21 @@ def launch(cfg: TrainConfigBase) -> int:
     try:
         result = trainer.fit()
         status = "FINISHED"
+    except Exception as err:  # noqa: BLE001 - Ray wraps the workers' errors; show the root cause
+        print(f"\ntraining failed: {root_cause(err)}\n(the full traceback is above; the run dir {run_dir} keeps "
+              "every complete checkpoint, and re-running the same command resumes from the latest)",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         if run_ref is not None:
             tracking.finish_run(run_ref, status)
     print(f"done in {time.time() - started:.0f}s; run dir {run_dir}; last checkpoint "
           f"{result.checkpoint.path if result.checkpoint else None}", flush=True)
     return 0
+
+
+def root_cause(err: BaseException) -> str:
+    """The last ``SomeError: message`` line of a (Ray-wrapped) worker traceback, else ``str(err)``."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
+    return causes[-1] if causes else (lines[0] if lines else type(err).__name__)

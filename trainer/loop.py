@@ -64,11 +64,28 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     seed_everything(cfg.seed, ctx.rank)
     stage = build_stage(cfg, ctx)
     state = ckpt.TrainState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = latest_checkpoint(ray.train.get_checkpoint(), cfg.run_dir)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = restore(Path(directory), stage, ctx)
     TrainLoop(cfg, ctx, stage, state, Tracker(run_ref if ctx.is_main else None), run_ref).run()
+
+
+def latest_checkpoint(reported, run_dir: str):
+    """The newer of Ray's checkpoint and the latest one marked complete in ``run_dir``.
+
+    Ray registers a checkpoint when its controller polls the workers; a worker killed right after
+    persisting one leaves it on storage (and marked complete by us) but unknown to Ray, which would
+    then restart from an older checkpoint, or from scratch.
+    """
+    from ray.train import Checkpoint
+
+    reported_step = ckpt.parse_step(reported.path) if reported is not None else None
+    complete = ckpt.list_checkpoints(run_dir)
+    if complete and (reported_step is None or complete[-1][0] > reported_step):
+        fs, path = storage.pyarrow_filesystem(complete[-1][1])
+        return Checkpoint(path, filesystem=fs)
+    return reported
 
 
 def restore(directory: Path, stage: TrainStage, ctx: WorkerContext) -> ckpt.TrainState:

@@ -1,0 +1,51 @@
+"""Tiny image shards and a helper that runs the real trainer (Ray Train + DeepSpeed) in this process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.reader.conftest import build_shards
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """16 training images of 2 demo classes in 2 shards: a handful a tiny tokenizer can overfit."""
+    from data_prep.make_demo_data import make_demo_tree
+
+    root = tmp_path_factory.mktemp("trainer-data")
+    tree = make_demo_tree(root / "tree", classes=2, train_per_class=8, val_per_class=0, min_size=40, max_size=72,
+                          quirks=False, seed=3)
+    return build_shards(tree.root, root / "shards", "train", samples_per_shard=8)
+
+
+def tokenizer_overrides(shards: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The demo tokenizer (image 32, single-stage L2), shrunk further for tests."""
+    return ["experiment=demo", f"data.train_shards={shards}", f"output_dir={output_dir}",
+            "data.loader_workers=0", "data.shuffle_buffer=16", "trainer.batch_size_per_worker=4",
+            "trainer.num_workers=2", "trainer.cpus_per_worker=1", "trainer.log_every=1",
+            "trainer.image_log_every=0", "optim.warmup_steps=2", "optim.lr=2e-3", "model.vit_enc_width=64",
+            "model.vit_dec_width=64", *extra]
+
+
+def train_tokenizer(overrides: list[str]):
+    """Build the config as trainer/run.py does and run the launcher against the session's Ray."""
+    from trainer.config import build_config
+    from trainer.launch import launch
+    from trainer.schema import TokenizerTrainConfig
+
+    cfg = build_config("tokenizer", TokenizerTrainConfig, overrides)
+    assert launch(cfg) == 0
+    return cfg
+
+
+def mlflow_run_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+
+def metric_by_step(tracking_uri: str, run_id: str, key: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    return {m.step: m.value for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)}
