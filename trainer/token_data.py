@@ -3,9 +3,11 @@
 Layout of a token dataset directory (local or s3://):
 
     tokens-000000.parquet ...   columns: key (string), label (int32), tokens (list<uint16>, K per row),
-                                flip (bool: the row encodes the horizontally flipped image)
-    manifest.parquet            one row per token shard: shard, rows, bytes, sha256, plus dataset
-                                metadata (num_tokens, codebook_size, tokenizer) in the schema metadata
+                                flip (bool: the row encodes the horizontally flipped image), crop (int8,
+                                optional: index into the metadata's ``crops``; 0 when absent)
+    manifest.parquet            one row per token shard: shard, rows, bytes, sha256 (and source, images),
+                                plus dataset metadata (num_tokens, codebook_size, tokenizer, image_size,
+                                crop policy, augment, crops, ...) as JSON under schema metadata key b"titok"
 
 The whole dataset fits in memory (ImageNet at 32 tokens is ~82 MB as uint16), so the stream is
 index arithmetic over seeded per-epoch permutations: batch ``b`` of every rank is known without
@@ -35,6 +37,7 @@ class TokenDataset:
     keys: list[str]
     flips: torch.Tensor       # bool [N]
     metadata: dict
+    crops: torch.Tensor | None = None   # int64 [N], index into metadata["crops"] (zeros without the column)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -63,19 +66,24 @@ def load_token_dataset(root: str) -> TokenDataset:
                                 "run data_prep/pretokenize.py first")
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in urls]
     keys: list[str] = []
-    token_rows, labels, flips = [], [], []
+    token_rows, labels, flips, crops = [], [], [], []
     for table in tables:
+        if not table.num_rows:  # a shard whose images all failed to decode
+            continue
         keys.extend(table.column("key").to_pylist())
         labels.append(table.column("label").to_numpy())
         flips.append(table.column("flip").to_numpy(zero_copy_only=False))
+        crops.append(table.column("crop").to_numpy() if "crop" in table.column_names
+                     else np.zeros(table.num_rows, np.int64))
         column = table.column("tokens").combine_chunks()
-        width = len(column[0]) if len(column) else 0
-        token_rows.append(column.values.to_numpy().reshape(-1, width))
+        token_rows.append(column.flatten().to_numpy().reshape(len(column), -1))
     metadata = read_metadata(root) if storage.exists(storage.join(root, MANIFEST)) else {}
+    if not token_rows:
+        raise ValueError(f"the token shards under {root} hold no rows")
     return TokenDataset(tokens=torch.from_numpy(np.concatenate(token_rows).astype(np.int32)),
                         labels=torch.from_numpy(np.concatenate(labels).astype(np.int64)),
                         keys=keys, flips=torch.from_numpy(np.concatenate(flips).astype(bool)),
-                        metadata=metadata)
+                        metadata=metadata, crops=torch.from_numpy(np.concatenate(crops).astype(np.int64)))
 
 
 class EpochPermutations:
