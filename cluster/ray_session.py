@@ -9,6 +9,7 @@ Plain ``ray.init()`` is avoided on purpose: it joins whatever cluster a stale
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -30,10 +31,17 @@ WORKER_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def forwarded_env() -> dict[str, str]:
-    """The :data:`FORWARDED_ENV` variables set in this process, plus :data:`WORKER_ENV_DEFAULTS`."""
+    """The :data:`FORWARDED_ENV` variables set in this process, plus :data:`WORKER_ENV_DEFAULTS`.
+
+    Under ``ray job submit --runtime-env-json '{"env_vars": ...}'`` the job's variables already reach
+    every worker, and ``ray.init`` refuses (ValueError) a runtime_env naming any of them again: those
+    are left out.
+    """
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    return env
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray's job supervisor
+    job_vars = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env.items() if k not in job_vars}
 
 
 def connect_ray(num_cpus: int | None = None) -> float:

@@ -123,6 +123,20 @@ def two_nodes():
         cluster.stop()
 
 
+def test_forwarded_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.ray_session import forwarded_env
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert {"DS_ACCELERATOR": "cpu", "AWS_DEFAULT_REGION": "us-west-2"}.items() <= forwarded_env().items()
+    # What Ray's job supervisor sets for the driver of `ray job submit --runtime-env-json ...`.
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"DS_ACCELERATOR": "cpu"}}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env = forwarded_env()
+    assert "DS_ACCELERATOR" not in env and env["AWS_DEFAULT_REGION"] == "us-west-2"
+
+
 @pytest.mark.slow
 def test_job_runs_one_worker_on_each_node(two_nodes: TwoNodeCluster, tiny_shards: Path, tmp_path: Path) -> None:
     from trainer.checkpoint import list_checkpoints, list_exports
@@ -140,8 +154,10 @@ def test_job_runs_one_worker_on_each_node(two_nodes: TwoNodeCluster, tiny_shards
                  "data.loader_workers=0", "data.shuffle_buffer=16", "model.vit_enc_width=64",
                  "model.vit_dec_width=64", "mlflow.enabled=false"]
     # The repository is on the nodes' filesystem already (as the file-mounted repo on a real cluster):
-    # no --working-dir upload.
+    # no --working-dir upload. The job's own env_vars name a variable the driver forwards too: Ray
+    # refuses a driver runtime_env that repeats one, so this also checks that connect_ray leaves them out.
     submit = two_nodes.ray("job", "submit", "--address", two_nodes.dashboard, "--submission-id", job_id,
+                           "--runtime-env-json", json.dumps({"env_vars": {"DS_ACCELERATOR": "cpu"}}),
                            "--", sys.executable, str(REPO / "trainer" / "run.py"), *overrides, timeout=240)
     log = submit.stdout + submit.stderr
     jobs = two_nodes.state("jobs", f"submission_id={job_id}")
