@@ -48,8 +48,8 @@ def connect_ray(num_cpus: int | None = None) -> float:
     """Connect to ``RAY_ADDRESS`` or start a local Ray; returns the seconds it took (0 if already connected).
 
     ``num_cpus`` sizes a local instance (default: the machine's cores); an existing cluster has its
-    own resources, so it is ignored there. The local instance has no dashboard: it lives only as long
-    as this process (start one with ``python -m cluster.local up`` to watch a local run).
+    own resources, so it is ignored there. The local instance lives only as long as this process
+    (start one with ``python -m cluster.local up`` to keep a cluster up between commands).
     """
     import ray
 
@@ -58,7 +58,10 @@ def connect_ray(num_cpus: int | None = None) -> float:
     start = time.time()
     address = os.environ.get("RAY_ADDRESS") or "local"
     env_vars = forwarded_env()
-    local = {"include_dashboard": False, "num_cpus": num_cpus} if address == "local" else {}
+    # The local instance keeps its dashboard (on 127.0.0.1): Ray Train's controller asks the state API
+    # whether it is alive when a run ends, and without it every fit() waits out a 12 s timeout.
+    local = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "num_cpus": num_cpus} \
+        if address == "local" else {}
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
              log_to_driver=True, configure_logging=False, **local)
     return time.time() - start

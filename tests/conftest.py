@@ -82,7 +82,7 @@ def ray_local(s3_server):
 
     if not ray.is_initialized():
         # More logical CPUs than cores: tests co-schedule trainer workers, controllers and actors.
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", **forwarded_env()}})
     yield ray
     ray.shutdown()
