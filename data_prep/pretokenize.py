@@ -23,7 +23,7 @@ image shard that cannot be read to its end fails its token shard with a message 
 
 Exact tokens. On a CPU, encoding a batch is not bit-identical to encoding its images one by one:
 oneDNN reduces the encoder's final 1x1 convolution differently by batch size and by thread count
-(latents differ by ~1e-7..1e-6), and where the two nearest codes nearly tie that flips a token.
+(measured here: latents differ by 1e-8..1e-6), and where the two nearest codes nearly tie that flips a token.
 With batch_size=1 (the default) every image goes through TiTok.encode alone, with the same shapes as
 ``tokenizer.encode(image[None])``, on a single torch thread in CPU actors, so its tokens equal that
 call's (one thread, same device type and torch build) whichever actor runs it, however many there
@@ -33,9 +33,10 @@ fixed groups of rows (counted from the start of each shard) together: faster on 
 reproducible for that batch size, but not guaranteed equal to encoding one by one.
 
 Resume. Each finished token shard has a record <output>/parts/tokens-NNNNNN.json (fingerprint of the
-plan, size, sha256); a re-run keeps shards whose size and sha256 match, redoes the rest and ends with
-the same bytes as an uninterrupted run. The plan (<output>/parts/plan.json: settings and input
-shards) must match the one already there; a different tokenizer, input or setting is refused.
+plan, size of its image shard, its own size and sha256); a re-run keeps shards whose record matches,
+redoes the rest (a repaired image shard redoes its own token shard) and ends with the same bytes as
+an uninterrupted run. The plan (<output>/parts/plan.json: settings and the list of image shards) must
+match the one already there; a different tokenizer, shard list or setting is refused.
 
 keys:
   tokenizer        export directory (local or s3://, ours or the authors' hub layout) or a hub id
@@ -269,9 +270,12 @@ def plan_url(output: str) -> str:
     return storage.join(output, "parts", "plan.json")
 
 
-def _ensure_plan(output: str, settings: dict[str, Any], sources: list[tuple[str, int]]) -> str:
-    """Write the plan, or check the one there; returns its fingerprint."""
-    plan = {"settings": settings, "sources": [list(s) for s in sources]}
+def _ensure_plan(output: str, settings: dict[str, Any], sources: list[str]) -> str:
+    """Write the plan, or check the one there; returns its fingerprint.
+
+    The plan names the image shards; their sizes live in the shard records, so an image shard that was
+    repaired (data_prep/shard.py re-run) only redoes its own token shard."""
+    plan = {"settings": settings, "sources": sources}
     fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     url = plan_url(output)
     if storage.exists(url):
@@ -279,7 +283,7 @@ def _ensure_plan(output: str, settings: dict[str, Any], sources: list[tuple[str,
         if previous.get("fingerprint") != fingerprint:
             old = previous.get("settings") or {}
             changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-            what = f"settings {', '.join(changed)}" if changed else "the input shards (names or sizes)"
+            what = f"settings {', '.join(changed)}" if changed else "the list of image shards"
             raise PlanMismatch(f"{output} already holds token shards made differently ({what} changed); use a new "
                                f"output, or delete the old token shards and {url}")
         return fingerprint
@@ -314,16 +318,18 @@ def write_manifest(output: str, records: list[dict[str, Any]], metadata: dict[st
     schema = MANIFEST_SCHEMA.with_metadata({b"titok": json.dumps(metadata, sort_keys=True).encode()})
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
-    storage.write_bytes(storage.join(output, MANIFEST), buffer.getvalue())
+    url, data = storage.join(output, MANIFEST), buffer.getvalue()
+    if not (storage.exists(url) and storage.read_bytes(url) == data):  # a complete dataset is left untouched
+        storage.write_bytes(url, data)
 
 
 # ----------------------------------------------------------------------------------------------
 # The actor pool
 
 
-def _run_actors(options: EncodeOptions, jobs: list[tuple[int, str]], workers: int, cfg: PretokenizeConfig,
+def _run_actors(options: EncodeOptions, jobs: list[tuple[int, str, int]], workers: int, cfg: PretokenizeConfig,
                 on_done: Callable[[int, ShardOutcome | None, BaseException | None], None]) -> float:
-    """Tokenize every (index, source) job on ``workers`` actors, two jobs queued per actor so none waits
+    """Tokenize every (index, source, source bytes) job on ``workers`` actors, two jobs queued per actor so none waits
     for the driver; ``on_done(index, outcome, error)`` as each finishes. Returns the actors' start time.
 
     A dead actor is restarted by Ray and its shard retried; a shard that fails is reported, the others go on."""
@@ -345,8 +351,8 @@ def _run_actors(options: EncodeOptions, jobs: list[tuple[int, str]], workers: in
         pending: dict[Any, tuple[Any, int]] = {}
 
         def submit(actor) -> None:
-            index, source = queue.pop()
-            pending[actor.encode_shard.remote(index, source)] = (actor, index)
+            job = queue.pop()
+            pending[actor.encode_shard.remote(*job)] = (actor, job[0])
 
         for _ in range(2):
             for actor in actors:
@@ -392,12 +398,12 @@ def write(cfg: PretokenizeConfig) -> PretokenizeReport:
     plans = _input_plans([url for url, _ in sources])
     _check_image_size(cfg, tokenizer, plans)
     report.num_tokens, report.shards = tokenizer.num_tokens, len(sources)
-    fingerprint = _ensure_plan(output, _settings(cfg, tokenizer), sources)
+    fingerprint = _ensure_plan(output, _settings(cfg, tokenizer), [url for url, _ in sources])
     remove_stale_temp_files(output, ("", "parts"), rf"{TOKEN_SHARD_PREFIX}\d{{6}}\.(?:parquet|json)|{re.escape(MANIFEST)}")
 
-    records: list[dict[str, Any] | None] = _threaded(lambda i: completed_record(output, i, fingerprint),
+    records: list[dict[str, Any] | None] = _threaded(lambda i: completed_record(output, i, fingerprint, sources[i][1]),
                                                      list(range(len(sources))))
-    todo = [(i, url) for i, (url, _) in enumerate(sources) if records[i] is None]
+    todo = [(i, url, size) for i, (url, size) in enumerate(sources) if records[i] is None]
     report.shards_skipped = len(sources) - len(todo)
     total = _total_images([url for url, _ in sources], plans)
     done_images = sum(r["images"] + len(r["undecodable"]) for r in records if r is not None)
@@ -420,7 +426,7 @@ def write(cfg: PretokenizeConfig) -> PretokenizeReport:
             if error is not None:
                 report.failed.append(token_shard_name(index))
                 bar.write(f"{token_shard_name(index)} ({sources[index][0]}) failed: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:400] if str(error) else ''}")
+                          f"{str(error).splitlines()[0][:400] if str(error) else ''}", file=sys.stderr)
                 return
             outcomes.append(outcome)  # type: ignore[arg-type]
             bar.update(outcome.images + outcome.undecodable)  # type: ignore[union-attr]

@@ -5,7 +5,7 @@ Token shard ``tokens-NNNNNN.parquet`` holds, in the order of its image shard, on
 (``augment``): key (string), label (int32), tokens (list<uint16>, K per row), flip (bool), crop (int8,
 index into the dataset's ``crops``). It is written atomically, then its record
 ``parts/tokens-NNNNNN.json`` (plan fingerprint, source, rows, bytes, sha256, undecodable samples); a
-token shard without a matching record is unfinished. Parquet bytes depend only on the rows (no
+token shard without a matching record is unfinished, and so is one whose image shard changed size. Parquet bytes depend only on the rows (no
 timestamps), so a redone shard is byte-identical to the first.
 """
 
@@ -240,8 +240,8 @@ class TokenizerWorker:
              pa.array(columns["crop"], pa.int8())], schema=TOKEN_SCHEMA)
         return table, images, undecodable
 
-    def encode_shard(self, index: int, source: str) -> ShardOutcome:
-        """Tokenize image shard ``source`` into token shard ``index``, then write its record."""
+    def encode_shard(self, index: int, source: str, source_bytes: int) -> ShardOutcome:
+        """Tokenize image shard ``source`` (of ``source_bytes``) into token shard ``index``, then write its record."""
         start = time.time()
         opts = self.options
         table, images, undecodable = self.tokenize(source)
@@ -250,7 +250,8 @@ class TokenizerWorker:
         data = buffer.getvalue()
         storage.write_bytes(token_shard_url(opts.output, index), data)
         record = {"version": RECORD_VERSION, "fingerprint": opts.fingerprint, "index": index,
-                  "shard": token_shard_name(index), "source": source, "images": images, "rows": table.num_rows,
+                  "shard": token_shard_name(index), "source": source, "source_bytes": source_bytes, "images": images,
+                  "rows": table.num_rows,
                   "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "undecodable": undecodable}
         storage.write_bytes(record_url(opts.output, index), json.dumps(record, sort_keys=True).encode())
         return ShardOutcome(index, record["shard"], images, table.num_rows, len(undecodable), len(data), start,
@@ -261,13 +262,15 @@ class TokenizerWorker:
 # Resume and verify
 
 
-def completed_record(output: str, index: int, fingerprint: str) -> dict[str, Any] | None:
-    """The record of token shard ``index`` when the shard on storage is the one this plan writes, else None."""
+def completed_record(output: str, index: int, fingerprint: str, source_bytes: int) -> dict[str, Any] | None:
+    """The record of token shard ``index`` when the shard on storage is the one this plan writes from its
+    image shard as it is now (same size: a repaired image shard is tokenized again), else None."""
     try:
         record = json.loads(storage.read_bytes(record_url(output, index)))
     except (storage.StorageError, ValueError):
         return None
-    if record.get("version") != RECORD_VERSION or record.get("fingerprint") != fingerprint:
+    if (record.get("version") != RECORD_VERSION or record.get("fingerprint") != fingerprint
+            or record.get("source_bytes") != source_bytes):
         return None
     url = token_shard_url(output, index)
     try:
