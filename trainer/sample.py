@@ -175,14 +175,18 @@ def _row_uniforms(seeds: Sequence[int], num_steps: int, num_tokens: int) -> torc
 
 
 def _draw(logits: torch.Tensor, tau: float, uniform: torch.Tensor) -> torch.Tensor:
-    """Token ids (B, K) from softmax(logits / tau) by inverse CDF (argmax when tau is 0)."""
+    """Token ids (...) from softmax(logits (..., V) / tau) by inverse CDF (argmax when tau is 0).
+
+    A float32 CDF, as torch.multinomial uses: tokens lose or gain at most ~1e-7 of probability."""
     import torch
 
     if tau == 0.0:
         return logits.argmax(dim=-1)
-    cdf = torch.softmax(logits.double() / tau, dim=-1).cumsum_(dim=-1)
-    target = (uniform * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    cdf = torch.softmax(logits / tau, dim=-1).cumsum_(dim=-1)
+    total = cdf[..., -1:].contiguous()
+    drawn = torch.searchsorted(cdf, uniform.to(cdf.dtype).unsqueeze(-1) * total, right=True)
+    # u * total can round up to total: then the last token of positive probability.
+    return torch.minimum(drawn, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
 def _decode(generator: nn.Module, labels: torch.Tensor, seeds: Sequence[int], settings: SamplingConfig,
@@ -195,30 +199,33 @@ def _decode(generator: nn.Module, labels: torch.Tensor, seeds: Sequence[int], se
     batch, length, mask_id = labels.shape[0], cfg.image_seq_len, cfg.mask_token_id
     device = labels.device
     uniforms = _row_uniforms(seeds, settings.num_steps, length)
-    draws = uniforms[:, :, 0].to(device)                         # (B, T, K) float64
+    draws = uniforms[:, :, 0].to(device)                         # (B, T, K)
     confidence_noise = _gumbel(uniforms[:, :, 1]).float().to(device)
     ids = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     both_labels = torch.cat([labels, labels])
     drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(device)
     for step in range(settings.num_steps):
         scale = guidance_scale_at(step, settings)
+        # Only masked positions draw a token: everything after the forward pass runs on those.
+        is_mask = ids == mask_id
         if always_unconditional or needs_unconditional(scale, settings):
             # One forward over [conditional; unconditional] rows (the latter with the null class).
             cond, uncond = generator(torch.cat([ids, ids]), both_labels, drop).float().chunk(2)
-            logits = guide(cond, uncond, scale, settings)
+            logits = guide(cond[is_mask], uncond[is_mask], scale, settings)
         else:
-            logits = generator(ids, labels).float()
+            logits = generator(ids, labels).float()[is_mask]
         softmax_temperature, tau = temperatures_at(step, settings)
         if softmax_temperature != 1.0:
             logits = logits / softmax_temperature
-        is_mask = ids == mask_id
-        sampled = _draw(logits, tau, draws[:, step])
-        sampled_logits = logits.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-        sampled = torch.where(is_mask, sampled, ids)
+        drawn = _draw(logits, tau, draws[:, step][is_mask])
+        sampled = ids.masked_scatter(is_mask, drawn)
         if step == settings.num_steps - 1:
             return sampled
-        # Re-mask the least confident new tokens; tokens fixed earlier have infinite confidence.
-        confidence = torch.where(is_mask, sampled_logits, torch.inf) + tau * confidence_noise[:, step]
+        # Re-mask the least confident new tokens (confidence: the drawn token's tempered logit plus
+        # noise); tokens fixed earlier have infinite confidence.
+        confidence = torch.full((batch, length), torch.inf, device=device)
+        confidence = confidence.masked_scatter(is_mask, logits.gather(-1, drawn.unsqueeze(-1)).squeeze(-1))
+        confidence = confidence + tau * confidence_noise[:, step]
         keep_masked = torch.full((batch,), num_to_remask(step, length, settings.num_steps), device=device)
         # Per row (the authors take row 0's count; all rows agree unless confidences tie).
         keep_masked = torch.minimum(is_mask.sum(-1) - 1, keep_masked).clamp_(min=1)
