@@ -23,14 +23,14 @@ image shard that cannot be read to its end fails its token shard with a message 
 
 Exact tokens. On a CPU, encoding a batch is not bit-identical to encoding its images one by one:
 oneDNN reduces the encoder's final 1x1 convolution differently by batch size and by thread count
-(measured here: latents differ by 1e-8..1e-6), and where the two nearest codes nearly tie that flips a token.
-With batch_size=1 (the default) every image goes through TiTok.encode alone, with the same shapes as
-``tokenizer.encode(image[None])``, on a single torch thread in CPU actors, so its tokens equal that
-call's (one thread, same device type and torch build) whichever actor runs it, however many there
-are, and however often the run was resumed. GPU actors run without TF32, with deterministic cuDNN
-and no benchmarking; their tokens can differ from the CPU's in such near-ties. batch_size>1 encodes
-fixed groups of rows (counted from the start of each shard) together: faster on a GPU and still
-reproducible for that batch size, but not guaranteed equal to encoding one by one.
+(measured here: latents differ by 1e-8..1e-6), and where the two nearest codes nearly tie, that
+flips a token. With batch_size=1 (the default) every image goes through TiTok.encode alone, with the
+shapes of ``tokenizer.encode(image[None])``, on a single torch thread in CPU actors, so its tokens
+equal that call's (one thread, same device type and torch build) whichever actor runs it, however
+many there are, and however often the run was resumed. GPU actors run without TF32, with
+deterministic cuDNN and no benchmarking; their tokens can differ from the CPU's in such near-ties.
+batch_size>1 encodes fixed groups of rows (counted from the start of each shard) together: faster on
+a GPU and still reproducible for that batch size, but not guaranteed equal to encoding one by one.
 
 Resume. Each finished token shard has a record <output>/parts/tokens-NNNNNN.json (fingerprint of the
 plan, size of its image shard, its own size and sha256); a re-run keeps shards whose record matches,
@@ -75,7 +75,13 @@ if __package__ in (None, ""):  # `python data_prep/pretokenize.py`: import from 
 from cluster import storage  # noqa: E402
 from cluster.ray_session import connect_ray  # noqa: E402
 from data_prep import manifest  # noqa: E402
-from data_prep.jobs import EXIT_FAILED, EXIT_INPUT_ERROR, absolute_url, ray_concurrency, remove_stale_temp_files  # noqa: E402
+from data_prep.jobs import (  # noqa: E402
+    EXIT_FAILED,
+    EXIT_INPUT_ERROR,
+    absolute_url,
+    ray_concurrency,
+    remove_stale_temp_files,
+)
 from data_prep.schema import Augment, Device, PretokenizeConfig, ShardMode  # noqa: E402
 from data_prep.sources import InputError  # noqa: E402
 from data_prep.token_writer import (  # noqa: E402
@@ -86,7 +92,6 @@ from data_prep.token_writer import (  # noqa: E402
     TokenizerWorker,
     completed_record,
     crop_size,
-    record_url,
     token_shard_name,
     token_shard_url,
     verify_token_shard,
@@ -119,7 +124,7 @@ class PretokenizeReport:
     workers_start_s: float = 0.0
     encode_s: float = 0.0          # first shard task start to last shard task end (steady state)
     total_s: float = 0.0
-    written_images: int = 0        # in the shards written by this run (not skipped)
+    written_images: int = 0        # in the token shards written by this run (not the kept ones)
     written_rows: int = 0
 
     @property
@@ -132,9 +137,9 @@ class PretokenizeReport:
         status = f"; FAILED shards: {', '.join(self.failed)} (re-run to retry)" if self.failed else ""
         return (f"pretokenize: {self.images} images -> {self.rows} rows of {self.num_tokens} tokens in {self.shards} "
                 f"token shards ({self.shards_written} written, {self.shards_skipped} already complete){skipped} -> "
-                f"{self.output}; {self.tokens_per_s:.0f} tokens/s, {images_per_s:.1f} images/s over {self.encode_s:.1f} s "
-                f"of {self.workers} actors; {self.total_s:.1f} s total (Ray start {self.ray_start_s:.1f} s, actors "
-                f"start {self.workers_start_s:.1f} s){status}")
+                f"{self.output}; {self.tokens_per_s:.0f} tokens/s, {images_per_s:.1f} images/s over "
+                f"{self.encode_s:.1f} s of {self.workers} actors; {self.total_s:.1f} s total (Ray start "
+                f"{self.ray_start_s:.1f} s, actors start {self.workers_start_s:.1f} s){status}")
 
 
 @dataclass
@@ -399,14 +404,13 @@ def write(cfg: PretokenizeConfig) -> PretokenizeReport:
     _check_image_size(cfg, tokenizer, plans)
     report.num_tokens, report.shards = tokenizer.num_tokens, len(sources)
     fingerprint = _ensure_plan(output, _settings(cfg, tokenizer), [url for url, _ in sources])
-    remove_stale_temp_files(output, ("", "parts"), rf"{TOKEN_SHARD_PREFIX}\d{{6}}\.(?:parquet|json)|{re.escape(MANIFEST)}")
+    remove_stale_temp_files(output, ("", "parts"),
+                            rf"{TOKEN_SHARD_PREFIX}\d{{6}}\.(?:parquet|json)|plan\.json|{re.escape(MANIFEST)}")
 
     records: list[dict[str, Any] | None] = _threaded(lambda i: completed_record(output, i, fingerprint, sources[i][1]),
                                                      list(range(len(sources))))
     todo = [(i, url, size) for i, (url, size) in enumerate(sources) if records[i] is None]
     report.shards_skipped = len(sources) - len(todo)
-    total = _total_images([url for url, _ in sources], plans)
-    done_images = sum(r["images"] + len(r["undecodable"]) for r in records if r is not None)
     if todo:
         report.ray_start_s = connect_ray()
         import ray
@@ -418,18 +422,20 @@ def write(cfg: PretokenizeConfig) -> PretokenizeReport:
         options = EncodeOptions(tokenizer=tokenizer.source, output=output, fingerprint=fingerprint,
                                 image_size=tokenizer.image_size, augment=cfg.augment, jpeg_draft=cfg.jpeg_draft,
                                 batch_size=cfg.batch_size, device=_device(cfg), decode_threads=cfg.cpus_per_worker)
-        bar = tqdm(total=total, initial=done_images, unit="img", disable=not cfg.progress, desc="pretokenize",
-                   file=sys.stderr, smoothing=0.1)
+        done_images = sum(r["images"] + len(r["undecodable"]) for r in records if r is not None)
+        bar = tqdm(total=_total_images([url for url, _ in sources], plans), initial=done_images, unit="img",
+                   disable=not cfg.progress, desc="pretokenize", file=sys.stderr, smoothing=0.1)
         outcomes: list[ShardOutcome] = []
 
         def on_done(index: int, outcome: ShardOutcome | None, error: BaseException | None) -> None:
-            if error is not None:
+            if outcome is None:
                 report.failed.append(token_shard_name(index))
                 bar.write(f"{token_shard_name(index)} ({sources[index][0]}) failed: {type(error).__name__}: "
                           f"{str(error).splitlines()[0][:400] if str(error) else ''}", file=sys.stderr)
                 return
-            outcomes.append(outcome)  # type: ignore[arg-type]
-            bar.update(outcome.images + outcome.undecodable)  # type: ignore[union-attr]
+            outcomes.append(outcome)
+            records[index] = outcome.record
+            bar.update(outcome.record["images"] + len(outcome.record["undecodable"]))
 
         try:
             report.workers_start_s = _run_actors(options, todo, report.workers, cfg, on_done)
@@ -437,18 +443,15 @@ def write(cfg: PretokenizeConfig) -> PretokenizeReport:
             bar.close()
         report.failed.sort()
         report.shards_written = len(outcomes)
-        report.written_images = sum(o.images for o in outcomes)
-        report.written_rows = sum(o.rows for o in outcomes)
+        report.written_images = sum(o.record["images"] for o in outcomes)
+        report.written_rows = sum(o.record["rows"] for o in outcomes)
         if outcomes:
             report.encode_s = max(o.end for o in outcomes) - min(o.start for o in outcomes)
-        if not report.failed:
-            records = _threaded(lambda i: records[i] or json.loads(storage.read_bytes(record_url(output, i))),
-                                list(range(len(sources))))
+    finished = [r for r in records if r is not None]
+    report.images = sum(r["images"] for r in finished)
+    report.rows = sum(r["rows"] for r in finished)
+    report.undecodable = sum(len(r["undecodable"]) for r in finished)
     if not report.failed:
-        finished = [r for r in records if r is not None]
-        report.images = sum(r["images"] for r in finished)
-        report.rows = sum(r["rows"] for r in finished)
-        report.undecodable = sum(len(r["undecodable"]) for r in finished)
         write_manifest(output, finished, _metadata(cfg, tokenizer, sources, finished))
     report.total_s = time.time() - begin
     return report

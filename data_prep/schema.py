@@ -102,7 +102,7 @@ class PretokenizeConfig:
     # tokenizer's own. Any other value than the tokenizer's is an error, so this only pins it.
     image_size: Optional[int] = None
     augment: Augment = Augment.none
-    jpeg_draft: bool = False       # PIL's DCT-domain downscale while decoding (faster, not exact; eval's default is off)
+    jpeg_draft: bool = False       # PIL's DCT-domain downscale while decoding (faster, not exact; off in eval too)
     # Images per encoder call. 1: every image is encoded alone, so its tokens are bit-identical to
     # TiTok.encode(image[None]) whatever the workers, batching or resumes. >1 is faster on a GPU; tokens are
     # still deterministic for that batch size but may differ from encoding alone where two codes nearly tie.

@@ -4,9 +4,10 @@ or verify one.
 Token shard ``tokens-NNNNNN.parquet`` holds, in the order of its image shard, one row per image and view
 (``augment``): key (string), label (int32), tokens (list<uint16>, K per row), flip (bool), crop (int8,
 index into the dataset's ``crops``). It is written atomically, then its record
-``parts/tokens-NNNNNN.json`` (plan fingerprint, source, rows, bytes, sha256, undecodable samples); a
-token shard without a matching record is unfinished, and so is one whose image shard changed size. Parquet bytes depend only on the rows (no
-timestamps), so a redone shard is byte-identical to the first.
+``parts/tokens-NNNNNN.json`` (plan fingerprint, source and its size, rows, bytes, sha256, undecodable
+samples). A token shard without a matching record is unfinished, and so is one whose image shard
+changed size. Parquet bytes depend only on the rows (no timestamps), so a redone shard is
+byte-identical to the first.
 """
 
 from __future__ import annotations
@@ -89,12 +90,7 @@ class EncodeOptions:
 class ShardOutcome:
     """What a task reports to the driver (the rows stay in the token shard)."""
 
-    index: int
-    shard: str
-    images: int
-    rows: int
-    undecodable: int
-    bytes: int
+    record: dict[str, Any]   # what parts/tokens-NNNNNN.json holds
     start: float
     end: float
 
@@ -254,8 +250,7 @@ class TokenizerWorker:
                   "rows": table.num_rows,
                   "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "undecodable": undecodable}
         storage.write_bytes(record_url(opts.output, index), json.dumps(record, sort_keys=True).encode())
-        return ShardOutcome(index, record["shard"], images, table.num_rows, len(undecodable), len(data), start,
-                            time.time())
+        return ShardOutcome(record, start, time.time())
 
 
 # ----------------------------------------------------------------------------------------------

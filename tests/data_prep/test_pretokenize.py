@@ -73,7 +73,8 @@ def tokenizer(tokenizer_export: str):
 
 
 def config(**values) -> PretokenizeConfig:
-    return build_config("pretokenize", PretokenizeConfig, [f"{k}={v}" for k, v in {"progress": False, **values}.items()])
+    overrides = {"progress": False, **values}
+    return build_config("pretokenize", PretokenizeConfig, [f"{k}={v}" for k, v in overrides.items()])
 
 
 def eval_images(shards: str, side: int) -> list[tuple[str, int, torch.Tensor]]:
@@ -130,8 +131,9 @@ def test_flip_tokens_resume_and_redo(store_root: str, ray_local, tokenizer_expor
     views = [view for _, _, image in images for view in (image, image.flip(-1))]
     assert data.tokens.tolist() == encode_alone(tokenizer, views)
     meta = data.metadata
-    assert (meta["num_tokens"], meta["codebook_size"], meta["image_size"], meta["augment"]) == (NUM_TOKENS, 64, 32, "flip")
+    assert (meta["num_tokens"], meta["codebook_size"], meta["image_size"]) == (NUM_TOKENS, 64, IMAGE_SIZE)
     assert (meta["images"], meta["rows"], meta["rows_per_image"], meta["crops"]) == (18, 36, 2, ["center"])
+    assert meta["augment"] == "flip" and meta["crop"] == "shorter side to 32 (bicubic, antialias), center crop 32"
     assert meta["tokenizer"] == export.rstrip("/") and meta["encoding"] == "per-sample"
     assert [u.rsplit("/", 1)[1] for u in meta["source_shards"]] == [f"train-00000{i}.tar" for i in range(3)]
     listed = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/manifest.parquet"))).to_pylist()
@@ -204,6 +206,7 @@ def test_damaged_input_and_clear_errors(tmp_path: Path, ray_local, tokenizer_exp
     assert main(args) == 1
     out = capsys.readouterr()
     assert "tokens-000001.parquet" in out.err and f"image shard {shards}/train-000001.tar is unreadable" in out.err
+    assert "12 images -> 12 rows of 8 tokens in 3 token shards (2 written, 0 already complete), 1 undecodable" in out.out
     assert "FAILED shards: tokens-000001.parquet" in out.out and not (output / "manifest.parquet").exists()
 
     (shards / "train-000001.tar").write_bytes(data)  # repaired: the re-run does only that shard
