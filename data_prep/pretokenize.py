@@ -82,7 +82,7 @@ from data_prep.jobs import (  # noqa: E402
     ray_concurrency,
     remove_stale_temp_files,
 )
-from data_prep.schema import Augment, Device, PretokenizeConfig, ShardMode  # noqa: E402
+from data_prep.schema import Device, PretokenizeConfig, ShardMode  # noqa: E402
 from data_prep.sources import InputError  # noqa: E402
 from data_prep.token_writer import (  # noqa: E402
     CROP_NAMES,
@@ -93,7 +93,6 @@ from data_prep.token_writer import (  # noqa: E402
     completed_record,
     crop_size,
     token_shard_name,
-    token_shard_url,
     verify_token_shard,
     views_per_image,
 )
@@ -183,12 +182,14 @@ def inspect_tokenizer(source: str) -> TokenizerInfo:
     from trainer.checkpoint import is_complete
     from trainer.models import load_tokenizer
 
-    if storage.is_remote(source) or Path(source).is_dir():
-        source = absolute_url(source)
-        if storage.exists(storage.join(source, "meta.json")) and not is_complete(source):
-            raise InputError(f"tokenizer {source}: export incomplete (no COMPLETE marker yet)")
     try:
+        if storage.is_remote(source) or Path(source).is_dir():
+            source = absolute_url(source)
+            if storage.exists(storage.join(source, "meta.json")) and not is_complete(source):
+                raise InputError(f"tokenizer {source}: export incomplete (no COMPLETE marker yet)")
         model = load_tokenizer(source)
+    except InputError:
+        raise
     except (FileNotFoundError, ValueError, TypeError, OSError, storage.StorageError) as err:
         raise InputError(f"tokenizer {source}: cannot load it ({err})") from None
     cfg = model.config
@@ -227,7 +228,8 @@ def _input_plans(urls: list[str]) -> dict[tuple[str, str], tuple[dict | None, di
         except Exception:  # noqa: BLE001 - a missing or damaged manifest only costs the checks and the ETA
             return None, None
 
-    return dict(zip(groups, _threaded(read, sorted(groups))))
+    ordered = sorted(groups)
+    return dict(zip(ordered, _threaded(read, ordered)))
 
 
 def _check_image_size(cfg: PretokenizeConfig, tokenizer: TokenizerInfo, plans: dict) -> None:
@@ -334,8 +336,9 @@ def write_manifest(output: str, records: list[dict[str, Any]], metadata: dict[st
 
 def _run_actors(options: EncodeOptions, jobs: list[tuple[int, str, int]], workers: int, cfg: PretokenizeConfig,
                 on_done: Callable[[int, ShardOutcome | None, BaseException | None], None]) -> float:
-    """Tokenize every (index, source, source bytes) job on ``workers`` actors, two jobs queued per actor so none waits
-    for the driver; ``on_done(index, outcome, error)`` as each finishes. Returns the actors' start time.
+    """Tokenize every (index, source, source bytes) job on ``workers`` actors, two jobs queued per actor so
+    none waits for the driver; ``on_done(index, outcome, error)`` as each finishes. Returns the seconds
+    the actors took to start (tokenizer loaded).
 
     A dead actor is restarted by Ray and its shard retried; a shard that fails is reported, the others go on."""
     import ray
@@ -516,4 +519,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["PretokenizeReport", "VerifyReport", "TokenizerInfo", "inspect_tokenizer", "list_image_shards", "write",
-           "verify", "write_manifest", "main", "token_shard_url"]
+           "verify", "write_manifest", "main"]
