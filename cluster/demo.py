@@ -1,0 +1,335 @@
+"""The whole pipeline on this machine with tiny models: ``make demo`` / ``python -m cluster.demo``.
+
+    make data -> shard -> train tokenizer -> pretokenize -> train generator -> sample -> evaluate
+
+Every step runs the project's own entry point (the same code as on a cluster, ``experiment=demo``)
+on one local Ray instance, and every step is resumable: re-running skips finished steps and
+continues interrupted ones (shards and token shards by checksum, training from its last checkpoint).
+Outputs go to ``store`` (a local folder by default, or ``s3://...``, e.g. the local S3 server of
+``python -m cluster.local up``); MLflow runs go to ``$MLFLOW_TRACKING_URI`` if set (the local
+services' server), else to a SQLite store in the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+if __package__ in (None, ""):  # `python cluster/demo.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.config import ConfigError  # noqa: E402
+
+
+@dataclass
+class DemoConfig:
+    """``python -m cluster.demo [key=value ...]``."""
+
+    experiment: Optional[str] = None
+    # Local folder for the generated images, the MLflow SQLite store and the step markers.
+    workdir: str = "demo"
+    # Where shards, runs, token shards and samples go: null -> <workdir>/store; or s3://bucket/prefix.
+    store: Optional[str] = None
+    # Training lengths (the demo experiment's are the defaults; smaller for a quick look / the e2e test).
+    tokenizer_steps: Optional[int] = None
+    generator_steps: Optional[int] = None
+    train_per_class: int = 40
+    val_per_class: int = 8
+    samples_per_class: int = 8
+    # Extra key=value overrides for each stage, e.g. tokenizer_overrides=[trainer.num_workers=2].
+    tokenizer_overrides: List[str] = field(default_factory=list)
+    generator_overrides: List[str] = field(default_factory=list)
+    # FID needs torch-fidelity's Inception weights: a path/URL, or null for its cached download.
+    inception_weights: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("train_per_class", "samples_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("tokenizer_steps", "generator_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1 or null, got {getattr(self, name)}")
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Paths:
+    workdir: Path
+    store: str
+
+    @property
+    def images(self) -> Path:
+        return self.workdir / "images"
+
+    def url(self, *parts: str) -> str:
+        from cluster import storage
+
+        return storage.join(self.store, *parts)
+
+    @property
+    def shards(self) -> str:
+        return self.url("shards")
+
+    @property
+    def tokenizer_run(self) -> str:
+        return self.url("runs", "tokenizer")
+
+    @property
+    def tokens(self) -> str:
+        return self.url("tokens")
+
+    @property
+    def generator_run(self) -> str:
+        return self.url("runs", "generator")
+
+    @property
+    def samples(self) -> str:
+        return self.url("samples")
+
+
+def _banner(index: int, title: str) -> None:
+    print(f"\n=== demo {index}/7: {title}", flush=True)
+
+
+def _run(name: str, main: Callable[[list[str]], int], argv: list[str]) -> None:
+    print("$ " + name + " " + " ".join(argv), flush=True)
+    code = main(argv)
+    if code:
+        raise StepFailed(f"{name} exited with {code}")
+
+
+def _latest_export_step(run_dir: str) -> int:
+    from trainer.checkpoint import latest_export
+
+    export = latest_export(run_dir)
+    return export.step if export else 0
+
+
+def _train(stage: str, run_dir: str, steps: int, argv: list[str]) -> str:
+    """Train unless the run already has its final export; returns that export's URL."""
+    from trainer import run as train_run
+    from trainer.checkpoint import latest_export
+
+    if _latest_export_step(run_dir) >= steps:
+        print(f"{stage}: finished earlier ({run_dir}), skipped", flush=True)
+    else:
+        _run("python trainer/run.py", train_run.main, [f"stage={stage}", "experiment=demo", f"output_dir={run_dir}",
+                                                       f"trainer.max_steps={steps}", *argv])
+    export = latest_export(run_dir)
+    assert export is not None and export.step >= steps, f"{run_dir} has no final export"
+    return export.url
+
+
+def _stage_steps(stage: str, configured: Optional[int]) -> int:
+    from trainer.config import build_config
+    from trainer.schema import STAGE_SCHEMAS, Stage
+
+    if configured:
+        return configured
+    return build_config(stage, STAGE_SCHEMAS[Stage(stage)], ["experiment=demo"]).trainer.max_steps
+
+
+def _demo_labels(shards: str) -> list[int]:
+    from data_prep import manifest
+
+    rows = manifest.read_table(manifest.samples_url(shards, "train")).column("label").to_pylist()
+    return sorted(set(rows))
+
+
+def _inception_available(source: Optional[str]) -> bool:
+    """Weights given, or torch-fidelity's file already in the torch hub cache (nothing is downloaded here)."""
+    import torch
+
+    from cluster import storage
+    from evals.inception import DEFAULT_WEIGHTS_URL
+
+    if source:
+        return source.startswith(("http://", "https://")) or storage.exists(source)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / DEFAULT_WEIGHTS_URL.rsplit("/", 1)[-1]
+    return cached.exists()
+
+
+def _reconstruction_quality(export: str, val_shards: str, image_size: int) -> dict[str, float]:
+    """PSNR/SSIM of the tokenizer's round trip on the validation shards (no Inception needed)."""
+    import torch
+
+    from evals.quality import psnr, ssim
+    from trainer.data import eval_batches
+    from trainer.models import load_tokenizer
+
+    tokenizer = load_tokenizer(export).eval()
+    psnrs, ssims = [], []
+    with torch.inference_mode():
+        for batch in eval_batches(val_shards, batch_size=32, image_size=image_size, draft=False):
+            images = batch.images
+            reconstructions = tokenizer.decode_tokens(tokenizer.encode(images)).clamp(0, 1)
+            psnrs.append(psnr(reconstructions, images))
+            ssims.append(ssim(reconstructions, images))
+    return {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
+            "images": float(sum(len(p) for p in psnrs))}
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or resume) every step; returns where the results are."""
+    from cluster import storage
+    from cluster.local import apply_service_env
+    from cluster.ray_session import connect_ray
+
+    apply_service_env()
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = cfg.store or str(workdir / "store")
+    storage.ensure_bucket(store)
+    paths = Paths(workdir, store)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    (workdir / "mlruns").mkdir(exist_ok=True)
+    mlflow_args = [f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=titok-demo"]
+    started = time.time()
+    timings: dict[str, float] = {}
+    connect_ray()  # one local Ray (or RAY_ADDRESS) for every step
+
+    def timed(name: str, fn: Callable[[], object]):
+        t0 = time.time()
+        out = fn()
+        timings[name] = round(time.time() - t0, 1)
+        return out
+
+    from data_prep import make_demo_data
+
+    _banner(1, "make demo images (ImageNet layout, with a few broken files)")
+    marker = paths.images / ".complete"
+    if marker.exists():
+        print(f"images: present ({paths.images}), skipped", flush=True)
+    else:
+        timed("images", lambda: _run("python data_prep/make_demo_data.py", make_demo_data.main, [
+            f"output={paths.images}", f"train_per_class={cfg.train_per_class}", f"val_per_class={cfg.val_per_class}"]))
+        marker.write_text("")
+
+    from data_prep import shard
+
+    _banner(2, "shard into WebDataset tars + parquet manifests")
+    progress = f"progress={str(cfg.progress).lower()}"
+    for split in ("train", "val"):
+        timed(f"shard_{split}", lambda split=split: _run("python data_prep/shard.py", shard.main, [
+            f"input={paths.images}", f"output={paths.shards}", f"split={split}", "samples_per_shard=100", progress]))
+
+    _banner(3, "train the tokenizer (single-stage, tiny ViT)")
+    tokenizer_steps = _stage_steps("tokenizer", cfg.tokenizer_steps)
+    train_shards = storage.join(paths.shards, "train-*.tar")
+    tokenizer_export = timed("tokenizer", lambda: _train("tokenizer", paths.tokenizer_run, tokenizer_steps, [
+        f"data.train_shards={train_shards}", *mlflow_args, *cfg.tokenizer_overrides]))
+
+    from data_prep import pretokenize
+
+    _banner(4, "pre-tokenize the training images (+ flips) on Ray actors")
+    timed("pretokenize", lambda: _run("python data_prep/pretokenize.py", pretokenize.main, [
+        f"tokenizer={tokenizer_export}", f"shards={train_shards}", f"output={paths.tokens}", "augment=flip",
+        progress]))
+
+    _banner(5, "train the generator (masked-token transformer)")
+    generator_steps = _stage_steps("generator", cfg.generator_steps)
+    generator_export = timed("generator", lambda: _train("generator", paths.generator_run, generator_steps, [
+        f"data.train_shards={paths.tokens}", f"generator.tokenizer={tokenizer_export}", *mlflow_args,
+        *cfg.generator_overrides]))
+
+    from trainer import sample
+
+    _banner(6, "sample class-conditional images")
+    labels = _demo_labels(paths.shards)
+    samples_npz = storage.join(paths.samples, "samples.npz")
+    if storage.exists(samples_npz) and storage.exists(storage.join(paths.samples, "samples.png")):
+        print(f"samples: present ({paths.samples}), skipped", flush=True)
+    else:
+        timed("sample", lambda: _run("python -m trainer.sample", sample.main, [
+            f"generator={generator_export}", f"output={paths.samples}",
+            f"num_samples={cfg.samples_per_class * len(labels)}", f"labels=[{','.join(map(str, labels))}]",
+            f"grid_columns={len(labels)}", "sampling.guidance_scale=2.0", "sampling.num_steps=8", "device=cpu",
+            progress]))
+
+    _banner(7, "evaluate")
+    image_size = _tokenizer_image_size(tokenizer_export)
+    evaluation: dict = {}
+    quality = timed("eval_quality", lambda: _reconstruction_quality(tokenizer_export, _val_shards(paths), image_size))
+    evaluation["reconstruction"] = quality
+    print(f"reconstruction on {int(quality['images'])} validation images: PSNR {quality['psnr']:.2f} dB, "
+          f"SSIM {quality['ssim']:.3f}", flush=True)
+    _log_to_run(paths.tokenizer_run, {"eval/psnr": quality["psnr"], "eval/ssim": quality["ssim"]}, tokenizer_steps)
+    if _inception_available(cfg.inception_weights):
+        from evals import run as eval_run
+
+        weights = [f"eval.inception_weights={cfg.inception_weights}"] if cfg.inception_weights else []
+        timed("eval_rfid", lambda: _run("python evals/run.py", eval_run.main, [
+            "eval.kind=reconstruction", f"eval.checkpoint={tokenizer_export}", f"eval.data={_val_shards(paths)}",
+            f"eval.reference={_val_shards(paths)}", f"eval.image_size={image_size}", *weights, *mlflow_args,
+            f"eval.progress={str(cfg.progress).lower()}"]))
+        evaluation["rfid"] = "logged to MLflow (eval/rfid)"
+    else:
+        print("notice: FID skipped: torch-fidelity's Inception weights are not available offline "
+              "(download them once, or pass inception_weights=<file>); PSNR/SSIM above are the metrics",
+              flush=True)
+        evaluation["fid"] = "skipped: no Inception weights"
+
+    summary = {"wall_s": round(time.time() - started, 1), "steps_s": timings, "store": store,
+               "tokenizer_export": tokenizer_export, "generator_export": generator_export,
+               "samples_grid": storage.join(paths.samples, "samples.png"), "samples_npz": samples_npz,
+               "reconstructions": storage.join(paths.tokenizer_run, "previews (MLflow artifacts)"),
+               "mlflow": tracking_uri, "evaluation": evaluation}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ui = (f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite:")
+          else f"open {tracking_uri}")
+    print(f"\n=== demo done in {summary['wall_s']:.0f}s\n"
+          f"  MLflow:        {ui}   (experiment titok-demo: tokenizer and generator runs; compare them there)\n"
+          f"  outputs:       {store}\n"
+          f"  sample grid:   {summary['samples_grid']}  (one column per class)\n"
+          f"  tokenizer:     {tokenizer_export}\n"
+          f"  generator:     {generator_export}\n"
+          f"  summary:       {workdir / 'summary.json'}", flush=True)
+    return summary
+
+
+def _val_shards(paths: Paths) -> str:
+    from cluster import storage
+
+    return storage.join(paths.shards, "val-*.tar")
+
+
+def _tokenizer_image_size(export: str) -> int:
+    from trainer.models import load_tokenizer
+
+    return load_tokenizer(export).config.image_size
+
+
+def _log_to_run(run_dir: str, metrics: dict[str, float], step: int) -> None:
+    """Add evaluation metrics to the training run recorded in ``run_dir`` (its MLflow run)."""
+    from cluster import storage
+    from trainer.tracking import RUN_FILE, RunRef, Tracker
+
+    record = storage.join(run_dir, RUN_FILE)
+    if storage.exists(record):
+        ref = RunRef(**json.loads(storage.read_text(record)))
+        Tracker(ref).log_metrics(metrics, step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.config import load_config
+
+    cfg = load_config("demo", DemoConfig, argv, description=__doc__)
+    try:
+        run_demo(cfg)
+    except StepFailed as err:
+        print(f"demo stopped: {err}. Fix the cause and re-run: finished steps are kept.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
