@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from cluster import storage
 
@@ -45,3 +45,30 @@ def ray_concurrency(workers: int, resource: str = "CPU", per_worker: float = 1.0
         return workers
     amount = ray.available_resources().get(resource, ray.cluster_resources().get(resource, 1))
     return max(1, int(amount // per_worker))
+
+
+def run_write_or_verify(name: str, cfg: Any, write: Callable[[Any], Any], verify: Callable[[Any], Any],
+                        input_errors: tuple[type[BaseException], ...]) -> int:
+    """The body of a data-prep ``main()``: ``mode=verify`` lists problems, else write; one summary line.
+
+    ``write``'s report has ``.line()`` and ``.failed``; ``verify``'s has ``.line()`` and ``.problems``.
+    Input errors print one line naming the entry point and exit with :data:`EXIT_INPUT_ERROR`.
+    """
+    import sys
+
+    from cluster.local import apply_service_env
+
+    apply_service_env()
+    try:
+        if cfg.mode.value == "verify":
+            result = verify(cfg)
+            for problem in result.problems:
+                print(problem)
+            print(result.line(), flush=True)
+            return EXIT_FAILED if result.problems else 0
+        report = write(cfg)
+    except input_errors as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    print(report.line(), flush=True)
+    return EXIT_FAILED if report.failed else 0

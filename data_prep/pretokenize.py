@@ -76,13 +76,12 @@ from cluster import storage  # noqa: E402
 from cluster.ray_session import connect_ray  # noqa: E402
 from data_prep import manifest  # noqa: E402
 from data_prep.jobs import (  # noqa: E402
-    EXIT_FAILED,
-    EXIT_INPUT_ERROR,
     absolute_url,
     ray_concurrency,
     remove_stale_temp_files,
+    run_write_or_verify,
 )
-from data_prep.schema import Device, PretokenizeConfig, ShardMode  # noqa: E402
+from data_prep.schema import Device, PretokenizeConfig  # noqa: E402
 from data_prep.sources import InputError  # noqa: E402
 from data_prep.token_writer import (  # noqa: E402
     CROP_NAMES,
@@ -494,24 +493,10 @@ def verify(cfg: PretokenizeConfig) -> VerifyReport:
 
 def main(argv: list[str] | None = None) -> int:
     """``python data_prep/pretokenize.py key=value ...``; ``--help`` prints every setting."""
-    from cluster.local import apply_service_env
     from trainer.config import load_config
 
     cfg = load_config("pretokenize", PretokenizeConfig, argv, description=__doc__)
-    apply_service_env()
-    try:
-        if cfg.mode == ShardMode.verify:
-            result = verify(cfg)
-            for problem in result.problems:
-                print(problem)
-            print(result.line(), flush=True)
-            return EXIT_FAILED if result.problems else 0
-        report = write(cfg)
-    except (InputError, ConfigError) as err:
-        print(f"pretokenize: {err}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    print(report.line(), flush=True)
-    return EXIT_FAILED if report.failed else 0
+    return run_write_or_verify("pretokenize", cfg, write, verify, (InputError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ if __package__ in (None, ""):  # `python data_prep/shard.py`: import from the re
 from cluster import storage  # noqa: E402
 from cluster.ray_session import connect_ray  # noqa: E402
 from data_prep import manifest  # noqa: E402
-from data_prep.jobs import EXIT_FAILED, EXIT_INPUT_ERROR, absolute_url, ray_concurrency, remove_stale_temp_files  # noqa: E402
-from data_prep.schema import ResumeCheck, ShardConfig, ShardMode  # noqa: E402
+from data_prep.jobs import absolute_url, ray_concurrency, remove_stale_temp_files, run_write_or_verify  # noqa: E402
+from data_prep.schema import ResumeCheck, ShardConfig  # noqa: E402
 from data_prep.shard_plan import fingerprint, plan_shards  # noqa: E402
 from data_prep.shard_writer import ShardOptions, ShardOutcome, ensure_shard, shard_url, verify_shard  # noqa: E402
 from data_prep.sources import InputError, list_split  # noqa: E402
@@ -252,24 +252,10 @@ def verify(cfg: ShardConfig) -> VerifyReport:
 
 def main(argv: list[str] | None = None) -> int:
     """``python data_prep/shard.py key=value ...``; ``--help`` prints every setting."""
-    from cluster.local import apply_service_env
     from trainer.config import load_config
 
     cfg = load_config("shard", ShardConfig, argv, description=__doc__)
-    apply_service_env()
-    try:
-        if cfg.mode == ShardMode.verify:
-            result = verify(cfg)
-            for problem in result.problems:
-                print(problem)
-            print(result.line(), flush=True)
-            return EXIT_FAILED if result.problems else 0
-        report = write(cfg)
-    except InputError as err:
-        print(f"shard: {err}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    print(report.line(), flush=True)
-    return EXIT_FAILED if report.failed else 0
+    return run_write_or_verify("shard", cfg, write, verify, (InputError,))
 
 
 if __name__ == "__main__":

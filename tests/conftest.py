@@ -96,3 +96,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     service = local.start_mlflow(tmp_path_factory.mktemp("mlflow-service"))
     yield service.url
     local.stop_service(service)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 training images of 2 demo classes in 2 shards: a handful a tiny tokenizer can overfit."""
+    from data_prep.make_demo_data import make_demo_tree
+    from tests.reader.conftest import build_shards
+
+    root = tmp_path_factory.mktemp("tiny-shards")
+    tree = make_demo_tree(root / "tree", classes=2, train_per_class=8, val_per_class=0, min_size=40, max_size=72,
+                          quirks=False, seed=3)
+    return build_shards(tree.root, root / "shards", "train", samples_per_shard=8)

@@ -26,22 +26,10 @@ from pathlib import Path
 import pytest
 
 from cluster import local
-from tests.reader.conftest import build_shards
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = local._bin("ray")
 HOST = "127.0.0.1"
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    """16 demo images of 2 classes in 2 shards."""
-    from data_prep.make_demo_data import make_demo_tree
-
-    root = tmp_path_factory.mktemp("multinode-data")
-    tree = make_demo_tree(root / "tree", classes=2, train_per_class=8, val_per_class=0, min_size=40, max_size=72,
-                          quirks=False, seed=3)
-    return build_shards(tree.root, root / "shards", "train", samples_per_shard=8)
 
 
 class TwoNodeCluster:

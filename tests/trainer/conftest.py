@@ -1,24 +1,9 @@
-"""Tiny image shards and a helper that runs the real trainer (Ray Train + DeepSpeed) in this process."""
+"""Helpers that run the real trainer (Ray Train + DeepSpeed) in this process."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
-
-from tests.reader.conftest import build_shards
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """16 training images of 2 demo classes in 2 shards: a handful a tiny tokenizer can overfit."""
-    from data_prep.make_demo_data import make_demo_tree
-
-    root = tmp_path_factory.mktemp("trainer-data")
-    tree = make_demo_tree(root / "tree", classes=2, train_per_class=8, val_per_class=0, min_size=40, max_size=72,
-                          quirks=False, seed=3)
-    return build_shards(tree.root, root / "shards", "train", samples_per_shard=8)
 
 
 def tokenizer_overrides(shards: Path, output_dir: Path, *extra: str) -> list[str]:
