@@ -156,8 +156,8 @@ class CpuMeter:
         worker = sum(cpu for name, cpu in used.values() if "RayTrainWorker" in name)
         rest = sorted(((cpu, name) for pid, (name, cpu) in used.items()
                        if pid != self.me.pid and "RayTrainWorker" not in name), reverse=True)
-        return {"driver": driver / wall, "train worker": worker / wall, "others of ours": (own - driver - worker) / wall,
-                "other users": max(0.0, last[1] - first[1] - own) / wall,
+        return {"driver": driver / wall, "train worker": worker / wall,
+                "others of ours": (own - driver - worker) / wall, "other users": max(0.0, last[1] - first[1] - own) / wall,
                 "top": ", ".join(f"{name} {cpu / wall:.2f}" for cpu, name in rest[:3] if cpu / wall >= 0.01)}
 
 
