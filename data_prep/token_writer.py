@@ -104,9 +104,9 @@ def image_views(files: dict[str, bytes], image_size: int, augment: Augment, draf
 
     The center crop is exactly what ``trainer.data.eval_batches`` yields for the sample (same decode,
     resize and crop functions); a flipped view is that array mirrored left-right."""
-    from trainer.data import _image_of, center_crop, decode_resized
+    from trainer.data import image_bytes_of, center_crop, decode_resized
 
-    data = _image_of(files)
+    data = image_bytes_of(files)
     if data is None:
         raise ValueError(f"no image member (one of jpg, jpeg, png, webp) among {sorted(files)}")
     side = crop_size(image_size, augment)
@@ -123,11 +123,11 @@ def image_views(files: dict[str, bytes], image_size: int, augment: Augment, draf
 def _samples(source: str) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Every sample of an image shard, in order (trainer.data's tar reader); a damaged shard raises
     :class:`InputShardError` naming it."""
-    from trainer.data import _tar_samples
+    from trainer.data import tar_samples
 
     seen = 0
     try:
-        for sample in _tar_samples(source, lambda index: True):
+        for sample in tar_samples(source, lambda index: True):
             seen += 1
             yield sample
     except Exception as err:  # noqa: BLE001 - I/O and tar errors alike: the shard cannot be read to its end

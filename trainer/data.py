@@ -153,7 +153,7 @@ def shard_sample_counts(urls: Sequence[str]) -> list[int]:
 def _scan_count(url: str) -> int:
     samples = 0
     try:
-        for _ in _tar_samples(url, want=lambda index: False):
+        for _ in tar_samples(url, want=lambda index: False):
             samples += 1
     except Exception as err:  # noqa: BLE001
         log.warning("shard %s unreadable while counting its samples (%s)", url, err)
@@ -171,7 +171,7 @@ def _open(url: str):
     return webdataset.gopen(url, "rb")
 
 
-def _tar_samples(url: str, want) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def tar_samples(url: str, want) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(index, key, {extension: bytes}) for every sample of a shard, in order; the files are read
     only for samples ``want(index)`` accepts (tar stream mode skips the others' bytes).
     Raises on I/O and tar errors after yielding what was readable."""
@@ -212,7 +212,7 @@ class _Sample:
     label: bytes | None
 
 
-def _image_of(files: dict[str, bytes]) -> bytes | None:
+def image_bytes_of(files: dict[str, bytes]) -> bytes | None:
     return next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
 
 
@@ -223,10 +223,10 @@ def _read_segment(url: str, seg: _Segment, counters: ReadCounters) -> list[_Samp
     want = (lambda i: i < seg.count) if position is None else position.__contains__
     found = 0
     try:
-        for index, key, files in _tar_samples(url, want):
+        for index, key, files in tar_samples(url, want):
             if not want(index):
                 continue
-            slots[index if position is None else position[index]] = _Sample(key, _image_of(files), files.get("cls"))
+            slots[index if position is None else position[index]] = _Sample(key, image_bytes_of(files), files.get("cls"))
             found += 1
             if found == seg.count:
                 break
@@ -526,13 +526,13 @@ class ImageShardStream:
             want = (lambda i: True) if shard_level else (lambda i, b=before: (b + i) % streams == stream)
             seen = 0
             try:
-                for index, key, files in _tar_samples(url, want):
+                for index, key, files in tar_samples(url, want):
                     seen = index + 1
                     if not want(index):
                         continue
                     try:
                         label = int(files["cls"])
-                        pixels[len(keys)] = center_crop(decode_resized(_image_of(files), size, self.draft), size)  # type: ignore[arg-type]
+                        pixels[len(keys)] = center_crop(decode_resized(image_bytes_of(files), size, self.draft), size)  # type: ignore[arg-type]
                     except Exception as err:  # noqa: BLE001
                         problems.corrupt_samples += 1
                         log.warning("sample %s undecodable (%s: %s); skipped", key, type(err).__name__, err)

@@ -12,7 +12,6 @@ printed. ``--help`` prints every setting.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -85,12 +84,11 @@ def reconstruct_folder(cfg: ReconstructConfig) -> dict:
     """Run the reconstruction; returns a summary (counts, skipped files, output URLs)."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from cluster import storage
     from trainer.data import to_float_images
     from trainer.models import load_tokenizer
-    from trainer.tracking import image_grid, to_uint8_images
+    from trainer.tracking import image_grid, to_uint8_images, write_png
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
@@ -126,9 +124,7 @@ def reconstruct_folder(cfg: ReconstructConfig) -> dict:
             if name in used_names:  # a.jpg and a.png: keep both, named after the full file name
                 name = os.path.basename(url)
             used_names.add(name)
-            buffer = io.BytesIO()
-            Image.fromarray(out).save(buffer, format="PNG")
-            storage.write_bytes(storage.join(cfg.output, f"{name}.png"), buffer.getvalue())
+            write_png(storage.join(cfg.output, f"{name}.png"), out)
             line = {"image": os.path.basename(url), "tokens": ids.flatten().tolist()}
             token_lines.append(json.dumps(line))
             if cfg.print_tokens:
@@ -144,11 +140,7 @@ def reconstruct_folder(cfg: ReconstructConfig) -> dict:
     if grid_inputs:
         # One row per image: input | reconstruction.
         pairs = [np.stack([a, b]) for a, b in zip(grid_inputs, grid_outputs)]
-        buffer = io.BytesIO()
-        Image.fromarray(image_grid(pairs)).save(buffer, format="PNG")
-        grid_url = storage.join(cfg.output, "grid.png")
-        storage.write_bytes(grid_url, buffer.getvalue())
-        summary["grid"] = grid_url
+        summary["grid"] = write_png(storage.join(cfg.output, "grid.png"), image_grid(pairs))
     for item in skipped:
         print(f"skipped {item['image']}: {item['reason']}", file=sys.stderr)
     return summary

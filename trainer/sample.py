@@ -404,16 +404,14 @@ class _NpzWriter:
 
 def sample_to_store(cfg: SampleConfig) -> dict:
     """Draw ``cfg.num_samples`` images and write ``samples.npz`` and ``samples.png``; returns a summary."""
-    import io
     import time
 
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     from cluster import storage
     from trainer.models import load_generator, load_tokenizer
-    from trainer.tracking import image_grid
+    from trainer.tracking import image_grid, write_png
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
@@ -456,10 +454,7 @@ def sample_to_store(cfg: SampleConfig) -> dict:
                "images_per_s": cfg.num_samples / seconds if seconds > 0 else None}
     if grid:
         rows = [np.stack(grid[i:i + cfg.grid_columns]) for i in range(0, len(grid), cfg.grid_columns)]
-        buffer = io.BytesIO()
-        Image.fromarray(image_grid(rows)).save(buffer, format="PNG")
-        summary["grid"] = storage.join(cfg.output, "samples.png")
-        storage.write_bytes(summary["grid"], buffer.getvalue())
+        summary["grid"] = write_png(storage.join(cfg.output, "samples.png"), image_grid(rows))
     return summary
 
 

@@ -125,6 +125,18 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
     return grid
 
 
+def write_png(url: str, image: np.ndarray) -> str:
+    """Encode a uint8 HxWx3 image as PNG and write it to ``url`` (local or s3://); returns ``url``."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    storage.write_bytes(url, buffer.getvalue())
+    return url
+
+
 def to_uint8_images(images) -> np.ndarray:
     """float NCHW in [0,1] -> uint8 NHWC (round to nearest)."""
     import torch
