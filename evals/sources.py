@@ -120,10 +120,9 @@ class ShardSlice:
 
         reader = ImageShardStream(list(self.urls), image_size=self.image_size, batch_size=batch_size,
                                   rank=self.stream, world_size=self.num_streams, num_workers=0, train=False,
-                                  draft=self.draft, pin_memory=False)
+                                  draft=self.draft, pin_memory=False, uint8=True)
         for batch in reader.iter_batches():
-            # The reader's floats are uint8 / 255: this recovers the decoded bytes exactly.
-            yield Batch(batch.images.mul(255).round_().to(torch.uint8), batch.labels)
+            yield Batch(batch.images.permute(0, 3, 1, 2).contiguous(), batch.labels)
         for name, value in reader.counters.__dict__.items():
             setattr(report, name, getattr(report, name) + value)
 

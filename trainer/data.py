@@ -31,7 +31,9 @@ unreadable or truncated shards are counted as well. :attr:`ImageShardStream.coun
 Decoding uses PIL's JPEG ``draft()`` (DCT-domain downscale to at least the target size) before the
 bicubic resize of the shorter side to ``image_size``; train mode takes a random ``image_size`` crop
 and a random horizontal flip, eval mode the center crop (the TiTok recipe). Images are float NCHW
-in [0, 1].
+in [0, 1], or with ``uint8=True`` the decoded bytes as uint8 NHWC: the trainer takes those and
+converts them on its device with :func:`to_float_images` (a quarter of the bytes to copy, and no
+conversion on the CPU cores the loader workers need).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class ImageBatch(NamedTuple):
-    images: torch.Tensor   # float32 [B, 3, S, S] in [0, 1]
+    images: torch.Tensor   # float32 [B, 3, S, S] in [0, 1]; with ``uint8=True`` uint8 [B, S, S, 3]
     labels: torch.Tensor   # int64 [B]
     keys: list[str]        # sample keys (eval: exactly the images read; train: after replacements)
 
@@ -171,6 +173,15 @@ def _open(url: str):
     return webdataset.gopen(url, "rb")
 
 
+def _tar_mode(stream) -> str:
+    """Random access for files (half the CPU of stream mode per member, and skipped members are
+    seeked over, not read); stream mode for anything else (S3 bodies, pipes)."""
+    try:
+        return "r:" if stream.seekable() else "r|"
+    except (AttributeError, OSError, ValueError):
+        return "r|"
+
+
 def tar_samples(url: str, want) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(index, key, {extension: bytes}) for every sample of a shard, in order; the files are read
     only for samples ``want(index)`` accepts (tar stream mode skips the others' bytes).
@@ -178,7 +189,7 @@ def tar_samples(url: str, want) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     from webdataset.tariterators import base_plus_ext
 
     index, key, files, keep = -1, None, {}, False
-    with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with _open(url) as stream, tarfile.open(fileobj=stream, mode=_tar_mode(stream)) as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -265,19 +276,23 @@ def decode_resized(data: bytes, size: int, draft: bool = True) -> Image.Image:
     target = resized_size(*image.size, size)
     if draft and image.format == "JPEG":
         image.draft(image.mode, target)
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # convert() of an RGB image would only copy it
+        image = image.convert("RGB")
     if image.size != target:
         image = image.resize(target, Image.Resampling.BICUBIC)
     return image
 
 
 def random_crop_flip(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``size`` x ``size`` crop, flipped horizontally with probability 1/2; HWC uint8."""
-    pixels = np.asarray(image)
-    h, w = pixels.shape[:2]
+    """A random ``size`` x ``size`` crop, flipped horizontally with probability 1/2; HWC uint8.
+
+    Cropped and flipped by PIL: copying a flipped numpy view costs ~4x more (3-byte pixels)."""
+    w, h = image.size
     top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-    crop = pixels[top:top + size, left:left + size]
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
+    crop = image.crop((left, top, left + size, top + size))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop)
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -296,9 +311,14 @@ def _pixel_buffer(batch_size: int, size: int, shared: bool) -> tuple[torch.Tenso
     return images, images.numpy()
 
 
-def to_float_images(images: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, 3] uint8 -> contiguous [B, 3, H, W] float32 in [0, 1] (``ToTensor``'s x / 255)."""
-    return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+def to_float_images(images: torch.Tensor, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> contiguous [B, 3, H, W] ``dtype`` in [0, 1] (``ToTensor``'s x / 255), on
+    ``device`` (default: where ``images`` are). The uint8 bytes are copied first (non-blocking from
+    pinned memory) and converted there, so a GPU does the conversion."""
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    return images.permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format).div_(255.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +405,7 @@ class ImageShardStream:
     def __init__(self, shards: str | Sequence[str], *, image_size: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, train: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1000, draft: bool = True, pin_memory: bool | None = None,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, uint8: bool = False) -> None:
         if image_size < 1 or batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError("image_size, batch_size, shuffle_buffer >= 1 and num_workers >= 0 are required")
         if not 0 <= rank < world_size:
@@ -395,7 +415,7 @@ class ImageShardStream:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.train, self.seed, self.shuffle_buffer, self.draft = train, seed, shuffle_buffer, draft
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.uint8 = prefetch_factor, uint8
         self.streams_per_rank = max(1, num_workers)
         self.num_streams = world_size * self.streams_per_rank
         self.counts = shard_sample_counts(self.urls) if train else None
@@ -415,8 +435,9 @@ class ImageShardStream:
             if any(problems.values()):
                 self.counters.add(problems)
                 log.warning("data problems so far (rank %d): %s", self.rank, asdict(self.counters))
-            # Workers ship uint8 (a quarter of the bytes); the float conversion happens here, once.
-            yield batch._replace(images=to_float_images(batch.images))
+            # Workers ship uint8 (a quarter of the bytes); the float conversion happens here, once,
+            # unless the consumer takes the bytes and converts them on its device.
+            yield batch if self.uint8 else batch._replace(images=to_float_images(batch.images))
 
     def __iter__(self) -> Iterator[ImageBatch]:
         return self.iter_batches(0)
@@ -576,16 +597,18 @@ class _LoaderDataset(torch.utils.data.IterableDataset):
 
 def train_batches(shards: str | Sequence[str], *, batch_size: int, image_size: int, rank: int = 0,
                   world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000, seed: int = 0,
-                  start_batch: int = 0, draft: bool = True) -> Iterator[ImageBatch]:
+                  start_batch: int = 0, draft: bool = True, uint8: bool = False) -> Iterator[ImageBatch]:
     """Endless training batches of this rank from ``start_batch`` on (see :class:`ImageShardStream`)."""
     stream = ImageShardStream(shards, image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size,
-                              num_workers=num_workers, train=True, seed=seed, shuffle_buffer=shuffle_buffer, draft=draft)
+                              num_workers=num_workers, train=True, seed=seed, shuffle_buffer=shuffle_buffer, draft=draft,
+                              uint8=uint8)
     return stream.iter_batches(start_batch)
 
 
 def eval_batches(shards: str | Sequence[str], *, batch_size: int, image_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, draft: bool = True) -> Iterator[ImageBatch]:
+                 world_size: int = 1, num_workers: int = 0, draft: bool = True, uint8: bool = False
+                 ) -> Iterator[ImageBatch]:
     """This rank's share of the shards, once, center-cropped, with keys (see :class:`ImageShardStream`)."""
     stream = ImageShardStream(shards, image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size,
-                              num_workers=num_workers, train=False, draft=draft)
+                              num_workers=num_workers, train=False, draft=draft, uint8=uint8)
     return stream.iter_batches(0)
