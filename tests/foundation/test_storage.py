@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -74,6 +75,22 @@ def test_open_write_is_atomic(store_root: str) -> None:
             raise Boom
     assert storage.read_bytes(url) == b"x" * 1000, "a failed write must leave the old object intact"
     assert [i.url for i in storage.list_files(store_root)] == [url], "no temp files left behind"
+
+
+def test_streamed_writes_past_the_writeback_chunk_keep_every_byte(store_root: str) -> None:
+    """Local writes start the disk writeback every MB while the file grows; the bytes, tell() and
+    the atomic publish are unaffected (pieces of every size, across several chunk boundaries)."""
+    rng = random.Random(0)
+    pieces = [os.urandom(rng.choice((1, 511, 4096, 100_000, 700_000))) for _ in range(40)]
+    url = storage.join(store_root, "streamed.bin")
+    with storage.open_write(url) as f:
+        for i, piece in enumerate(pieces):
+            f.write(piece)
+            if i == 20:
+                assert f.tell() == sum(map(len, pieces[:21]))
+        assert not storage.exists(url)
+    assert sum(map(len, pieces)) > 3 * storage.WRITEBACK_CHUNK
+    assert storage.read_bytes(url) == b"".join(pieces)
 
 
 def test_large_objects_use_multipart(store_root: str, tmp_path) -> None:
