@@ -26,7 +26,7 @@ class ShardMode(str, enum.Enum):
 
 
 class ResumeCheck(str, enum.Enum):
-    checksum = "checksum"  # a finished shard is kept when its size and sha256 match its record
+    checksum = "checksum"  # a finished shard is kept when its size and checksum match its record
     size = "size"          # size only (no re-read; for very large outputs on slow storage)
 
 

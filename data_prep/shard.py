@@ -6,7 +6,7 @@
 Reads extracted folders, a flat validation folder with its labels file, or the original
 ILSVRC2012_img_{train,val}.tar archives in place. Writes <output>/<split>-NNNNNN.tar (samples shuffled
 across shards with the seed) and <output>/manifest/<split>.parquet, <split>_rejected.parquet,
-<split>_shards.parquet. Re-running skips complete shards (size and sha256 checked against their
+<split>_shards.parquet. Re-running skips complete shards (size and CRC-32 checked against their
 records), redoes the rest and ends with the same bytes as an uninterrupted run; bad inputs are
 rejected with a reason, never fatal. RAY_ADDRESS selects a cluster; otherwise Ray starts locally.
 On a cluster every node must see the input (s3:// or a shared mount) and the output should be
@@ -235,7 +235,7 @@ def verify(cfg: ShardConfig) -> VerifyReport:
     def args(i: int) -> tuple:
         shard = shards[i]
         first, length = slices.get(shard["shard"], (0, 0))
-        return shard_url(output, shard["shard"]), shard["bytes"], shard["sha256"], samples.slice(first, length).to_pylist()
+        return shard_url(output, shard["shard"]), shard["bytes"], shard["crc32"], samples.slice(first, length).to_pylist()
 
     connect_ray()
     for i, problems, error in _run_tasks(verify_shard, len(shards), args, ray_concurrency(cfg.workers), lambda *a: None):

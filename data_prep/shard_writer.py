@@ -3,8 +3,13 @@
 A shard is a tar of samples ``<key>.jpg`` (stored image bytes), ``<key>.cls`` (label, ASCII) and
 ``<key>.json`` (wnid, label, source, width, height, converted, resized). Tar headers carry no time,
 owner or permissions that vary, so the same plan always produces the same bytes. The tar is written
-atomically, then its record ``manifest/parts/<split>-NNNNNN.json`` (size, sha256, one row per sample
-and per rejected input); a shard without a matching record is incomplete.
+atomically, then its record ``manifest/parts/<split>-NNNNNN.json`` (size, CRC-32 of the file, one row
+per sample with the sha256 of its image, one per rejected input); a shard without a matching record
+is incomplete.
+
+Each image is hashed once (sha256, for the manifest); the whole file gets a CRC-32 as it is written
+(3x faster than a second sha256 pass, and what S3 and zip use for integrity). Tampering with an image
+is caught by both; ``verify`` checks both.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import io
 import json
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -25,7 +31,7 @@ from data_prep.wnids import wnid_to_label
 
 TAR_FORMAT = tarfile.GNU_FORMAT
 MEMBER_MODE = 0o444
-RECORD_VERSION = 1
+RECORD_VERSION = 2   # 2: the shard checksum is a CRC-32 (1: sha256)
 
 
 @dataclass(frozen=True)
@@ -49,19 +55,20 @@ def record_url(output: str, split: str, index: int) -> str:
     return storage.join(output, "manifest", "parts", record_name(split, index))
 
 
-class _HashingWriter:
-    """File wrapper that counts and hashes what passes through (one pass over the shard bytes)."""
+def crc32_hex(crc: int) -> str:
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+class _ChecksumWriter:
+    """File wrapper that counts what passes through and keeps its running CRC-32."""
 
     def __init__(self, f: IO[bytes]) -> None:
-        self._f, self.sha256, self.size = f, hashlib.sha256(), 0
+        self._f, self.crc32, self.size = f, 0, 0
 
     def write(self, data: bytes) -> int:
-        self.sha256.update(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
         self.size += len(data)
         return self._f.write(data)
-
-    def tell(self) -> int:
-        return self.size
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -72,16 +79,42 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+# Header fields (POSIX ustar layout, which GNU format shares): name [0, 100), size [124, 136) as 11
+# octal digits and NUL, checksum [148, 156) as 6 octal digits, NUL, space.
+_NAME_END, _SIZE, _CHKSUM = 100, slice(124, 136), slice(148, 155)
+_HEADER_TEMPLATE = _member("", 0).tobuf(TAR_FORMAT, "utf-8", "surrogateescape")
+_TEMPLATE_CHKSUM_BASE = (256 + sum(_HEADER_TEMPLATE[_NAME_END:_SIZE.start]) + sum(_HEADER_TEMPLATE[_SIZE.stop:148])
+                         + sum(_HEADER_TEMPLATE[156:]))
+_MAX_OCTAL_SIZE = 8 ** 11 - 1
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The tar header ``tarfile`` writes for a member of ours (see :func:`_member`), byte for byte.
+
+    Filled into a header that ``tarfile`` made once: encoding one with ``TarInfo.tobuf`` costs ~20 us,
+    a third of a shard task's CPU per image. Long or non-ASCII names and huge sizes, which need extra
+    header blocks or other encodings, are left to ``tarfile``."""
+    encoded = name.encode("ascii", "replace")
+    if len(encoded) >= _NAME_END or size > _MAX_OCTAL_SIZE or not name.isascii():
+        return _member(name, size).tobuf(TAR_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size
+    header = bytearray(_HEADER_TEMPLATE)
+    header[:len(encoded)] = encoded
+    header[_SIZE] = size_field
+    header[_CHKSUM] = b"%06o\0" % (_TEMPLATE_CHKSUM_BASE + sum(encoded) + sum(size_field))
+    return bytes(header)
+
+
 class _TarWriter:
     """Appends members to a tar stream; the bytes are what ``tarfile`` writes (its header encoder),
     without its buffering layer, which costs more than the rest of a shard task's CPU time."""
 
-    def __init__(self, out: _HashingWriter) -> None:
+    def __init__(self, out: _ChecksumWriter) -> None:
         self._out, self.offset = out, 0
 
     def add(self, name: str, data: bytes) -> int:
         """Append one member; returns the offset of its data in the tar."""
-        header = _member(name, len(data)).tobuf(TAR_FORMAT, "utf-8", "surrogateescape")
+        header = member_header(name, len(data))
         padding = -len(data) % tarfile.BLOCKSIZE
         self._out.write(header)
         self._out.write(data)
@@ -147,7 +180,7 @@ def completed_record(spec: ShardSpec, options: ShardOptions) -> dict[str, Any] |
     try:
         if storage.size(url) != record["bytes"]:
             return None
-        if options.verify_checksum and file_sha256(url) != record["sha256"]:
+        if options.verify_checksum and file_crc32(url) != record["crc32"]:
             return None
     except storage.StorageError:
         return None
@@ -162,31 +195,37 @@ def file_sha256(url: str) -> str:
     return digest.hexdigest()
 
 
+def file_crc32(url: str) -> str:
+    crc = 0
+    with storage.open_read(url) as f:
+        while chunk := f.read(4 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc32_hex(crc)
+
+
 def write_shard(spec: ShardSpec, options: ShardOptions) -> dict[str, Any]:
     """Write the tar of ``spec`` atomically and return its record."""
     samples: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     with ItemReader() as reader, storage.open_write(shard_url(options.output, spec.name)) as raw:
-        out = _HashingWriter(raw)
+        out = _ChecksumWriter(raw)
         tar = _TarWriter(out)
-        for item, key in zip(spec.items, spec.keys):
+        for (item, source), key in zip(reader.read_all(spec.items), spec.keys):
             try:
-                samples.append(_add_sample(tar, reader, item, key, spec.name, options))
+                samples.append(_add_sample(tar, item, source, key, spec.name, options))
             except RejectedImage as err:
                 rejected.append(Rejection(item.name, item.wnid, err.reason, err.detail).row())
         tar.close()
     return {"version": RECORD_VERSION, "fingerprint": options.fingerprint, "shard": spec.name, "index": spec.index,
-            "bytes": out.size, "sha256": out.sha256.hexdigest(), "samples": samples, "rejected": rejected}
+            "bytes": out.size, "crc32": crc32_hex(out.crc32), "samples": samples, "rejected": rejected}
 
 
-def _add_sample(tar: _TarWriter, reader: ItemReader, item: SourceItem, key: str, shard: str,
+def _add_sample(tar: _TarWriter, item: SourceItem, source: bytes | Exception, key: str, shard: str,
                 options: ShardOptions) -> dict[str, Any]:
     """Append one sample's three members; returns its manifest row. Raises RejectedImage."""
-    try:
-        source_bytes = reader.read(item)
-    except Exception as err:  # noqa: BLE001 - a file we cannot read is a rejected input
-        raise RejectedImage(Reason.UNREADABLE, f"{type(err).__name__}: {err}"[:300]) from None
-    image = prepare_image(source_bytes, full_decode=options.full_decode, resize=options.resize,
+    if isinstance(source, Exception):  # a file we cannot read is a rejected input
+        raise RejectedImage(Reason.UNREADABLE, f"{type(source).__name__}: {source}"[:300])
+    image = prepare_image(source, full_decode=options.full_decode, resize=options.resize,
                           jpeg_quality=options.jpeg_quality)
     label = wnid_to_label()[item.wnid]
     offset = tar.add(f"{key}.jpg", image.data)
@@ -203,11 +242,11 @@ def _add_sample(tar: _TarWriter, reader: ItemReader, item: SourceItem, key: str,
 # Verify
 
 
-def verify_shard(url: str, expected_bytes: int, expected_sha256: str, rows: list[dict[str, Any]]) -> list[str]:
+def verify_shard(url: str, expected_bytes: int, expected_crc32: str, rows: list[dict[str, Any]]) -> list[str]:
     """Re-read one shard and compare it with its manifest rows; returns the problems found."""
     name = url.rsplit("/", 1)[-1]
     problems: list[str] = []
-    digest, size = hashlib.sha256(), 0
+    crc, size = 0, 0
     members: dict[str, dict[str, bytes]] = {}
     try:
         with storage.open_read(url) as raw:
@@ -216,9 +255,9 @@ def verify_shard(url: str, expected_bytes: int, expected_sha256: str, rows: list
                     return True
 
                 def readinto(self, buffer) -> int:
-                    nonlocal size
+                    nonlocal size, crc
                     data = raw.read(len(buffer))
-                    digest.update(data)
+                    crc = zlib.crc32(data, crc)
                     size += len(data)
                     buffer[: len(data)] = data
                     return len(data)
@@ -229,16 +268,17 @@ def verify_shard(url: str, expected_bytes: int, expected_sha256: str, rows: list
                         continue
                     key, _, ext = info.name.partition(".")
                     members.setdefault(key, {})[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
-            while raw.read(1 << 20):  # hash the end-of-archive padding too
-                pass
+            while tail := raw.read(1 << 20):  # the end-of-archive padding counts too
+                crc = zlib.crc32(tail, crc)
+                size += len(tail)
     except storage.StorageError as err:
         return [f"{name}: cannot read ({err})"]
     except (tarfile.TarError, EOFError, OSError) as err:
         problems.append(f"{name}: unreadable tar ({type(err).__name__}: {err})")
     if size != expected_bytes:
         problems.append(f"{name}: {size} bytes, manifest says {expected_bytes}")
-    if digest.hexdigest() != expected_sha256:
-        problems.append(f"{name}: sha256 differs from the manifest")
+    if crc32_hex(crc) != expected_crc32:
+        problems.append(f"{name}: crc32 differs from the manifest")
     expected = {row["key"]: row for row in rows}
     for key in sorted(set(members) - set(expected)):
         problems.append(f"{name}: sample {key} is not in the manifest")

@@ -19,9 +19,11 @@ import csv
 import io
 import os
 import tarfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from cluster import storage
 from data_prep.wnids import devkit_synsets, is_wnid, read_synset_order, wnid_to_label
@@ -335,8 +337,36 @@ def _list_train_archive(path: str, archive: str, members, data: BinaryIO, file_s
 class ItemReader:
     """Reads items' bytes; keeps one handle per archive open (a shard reads many of its members)."""
 
+    REMOTE_THREADS = 16   # S3 GETs in flight per shard task: each waits ~10-50 ms for the first byte
+
     def __init__(self) -> None:
         self._handles: dict[str, BinaryIO] = {}
+
+    def read_all(self, items: Sequence[SourceItem]) -> Iterator[tuple[SourceItem, bytes | Exception]]:
+        """(item, its bytes or the error that reading it raised), in order.
+
+        Remote items are fetched :attr:`REMOTE_THREADS` at a time ahead of the consumer; local ones
+        inline (from the page cache a read takes less CPU than handing it to a thread)."""
+        if not any(storage.is_remote(item.url) for item in items):
+            for item in items:
+                yield item, self._read_or_error(item)
+            return
+        with ThreadPoolExecutor(self.REMOTE_THREADS) as pool:
+            ahead: deque[tuple[SourceItem, Future]] = deque()
+            for item in items:
+                ahead.append((item, pool.submit(self._read_or_error, item)))
+                if len(ahead) >= 2 * self.REMOTE_THREADS:  # bounded: memory stays at a few dozen images
+                    first, future = ahead.popleft()
+                    yield first, future.result()
+            while ahead:
+                first, future = ahead.popleft()
+                yield first, future.result()
+
+    def _read_or_error(self, item: SourceItem) -> bytes | Exception:
+        try:
+            return self.read(item)
+        except Exception as err:  # noqa: BLE001 - the caller turns it into a rejection
+            return err
 
     def read(self, item: SourceItem) -> bytes:
         if not item.in_archive:

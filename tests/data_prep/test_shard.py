@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,10 @@ def read_shards(output: str, split: str) -> dict[str, tuple[str, dict[str, bytes
                 assert member.mtime == 0 and member.uid == 0 and member.uname == ""
                 out.setdefault(key, (name, {}))[1][ext] = tar.extractfile(member).read()
     return out
+
+
+def shards_of(rows: list[dict]) -> set[str]:
+    return {r["shard"] for r in rows}
 
 
 def snapshot(output: str) -> dict[str, bytes]:
@@ -86,8 +91,11 @@ def test_every_valid_image_arrives_once_with_its_label_and_bytes(demo_tree, stor
     rejected = {r["source"]: r["reason"] for r in manifest.read_table(manifest.rejected_url(output, "train")).to_pylist()}
     by_kind = {f.kind: f.path for f in demo_tree.files}
     assert rejected == {by_kind["truncated"]: Reason.TRUNCATED, by_kind["empty"]: Reason.ZERO_BYTES}
-    counts = {r["shard"]: r["samples"] for r in manifest.read_table(manifest.shards_url(output, "train")).to_pylist()}
-    assert counts == {s: sum(r["shard"] == s for r in rows) for s in counts}
+    shard_rows = manifest.read_table(manifest.shards_url(output, "train")).to_pylist()
+    assert {r["shard"]: r["samples"] for r in shard_rows} == {s: sum(r["shard"] == s for r in rows) for s in shards_of(rows)}
+    for shard_row in shard_rows:  # the shard checksum, against zlib over the stored file
+        stored = storage.read_bytes(storage.join(output, shard_row["shard"]))
+        assert (len(stored), f"{zlib.crc32(stored):08x}") == (shard_row["bytes"], shard_row["crc32"])
 
     # A re-run is a no-op; verify passes, then catches a tampered shard.
     before = snapshot(output)
@@ -100,7 +108,7 @@ def test_every_valid_image_arrives_once_with_its_label_and_bytes(demo_tree, stor
     data[victim["offset"] + victim["bytes"] // 2] ^= 0xFF
     storage.write_bytes(url, bytes(data))
     problems = verify(shard_config(demo_tree.root, output)).problems
-    assert any(victim["shard"] in p and "sha256" in p for p in problems)
+    assert any(victim["shard"] in p and "crc32" in p for p in problems)
     assert any(victim["key"] in p and "image bytes" in p for p in problems)
 
 

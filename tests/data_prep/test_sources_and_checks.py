@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from data_prep import make_demo_data as demo
-from data_prep.image_check import RejectedImage, prepare_image, resized_size
-from data_prep.sources import InputError, ItemReader, Reason, list_split
+from cluster import storage
+from data_prep.image_check import RejectedImage, jpeg_frame, prepare_image, resized_size
+from data_prep.sources import InputError, ItemReader, Reason, SourceItem, list_split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +76,80 @@ def test_truncated_jpeg_is_rejected_structurally_and_by_full_decode():
     with pytest.raises(RejectedImage) as err:
         prepare_image(png[: len(png) // 2])
     assert err.value.reason in (Reason.TRUNCATED, Reason.UNREADABLE)
+
+
+def _jpeg_variants() -> list[tuple[str, bytes]]:
+    """JPEGs as cameras and encoders write them: modes, progressive, EXIF, ICC, subsampling, MPO."""
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(24):
+        w, h = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+        image = _image(max(w, 8), max(h, 8), seed=i).resize((w, h))
+        mode = ("RGB", "L", "CMYK")[i % 3]
+        kwargs = {"quality": int(rng.integers(30, 100)), "progressive": bool(i % 2), "optimize": bool(i % 4 == 1)}
+        if i % 5 == 0:
+            kwargs["exif"] = Image.Exif()
+            kwargs["exif"][0x010F] = "camera" * 20
+        if i % 7 == 0:
+            kwargs["icc_profile"] = bytes(rng.integers(0, 256, 70_000, dtype=np.uint8))  # split over APP2 segments
+        if mode == "RGB" and i % 3 == 0:
+            kwargs["subsampling"] = 0
+        out.append((f"{mode}-{i}", _encode(image.convert(mode), "JPEG", **kwargs)))
+    out.append(("MPO", _encode(_image(), "MPO", save_all=True, append_images=[_image(seed=1)])))
+    return out
+
+
+def test_jpeg_fast_path_reads_the_frame_pil_reads_and_only_accepts_what_pil_accepts():
+    variants = _jpeg_variants()
+    for name, data in variants:
+        with Image.open(io.BytesIO(data)) as image:
+            expected = (image.width, image.height, image.mode)
+            # EXIF is parsed by PIL (and may fail there): such files go through PIL, like CMYK and MPO.
+            plain = image.format == "JPEG" and image.mode in ("L", "RGB") and "exif" not in image.info
+        assert jpeg_frame(data) == (expected if plain else None), name
+    # Damaged headers: whenever the fast path still takes one, PIL opens it with the same frame.
+    rng = np.random.default_rng(0)
+    taken = 0
+    for trial in range(3000):
+        name, data = variants[trial % len(variants)]
+        damaged = bytearray(data[:int(rng.integers(2, len(data)))] if trial % 3 == 0 else data)
+        for _ in range(int(rng.integers(1, 4))):
+            damaged[int(rng.integers(0, min(len(damaged), 700)))] = int(rng.integers(0, 256))
+        frame = jpeg_frame(bytes(damaged))
+        if frame is not None:
+            taken += 1
+            with Image.open(io.BytesIO(bytes(damaged))) as image:
+                assert (image.format, image.width, image.height, image.mode) == ("JPEG", *frame), (name, trial)
+    assert taken > 300  # most single-byte damage lands in data the header walk does not interpret
+    # A frame over PIL's decompression-bomb limit is PIL's to refuse.
+    data = _encode(_image(), "JPEG")
+    sof = data.index(b"\xff\xc0")
+    bomb = data[:sof + 5] + (60000).to_bytes(2, "big") * 2 + data[sof + 9:]
+    assert jpeg_frame(data) == (80, 60, "RGB") and jpeg_frame(bomb) is None
+
+
+def test_stored_bytes_are_the_same_on_the_fast_path_and_through_pil():
+    for name, data in _jpeg_variants():
+        if jpeg_frame(data) is None:
+            continue
+        fast, decoded = prepare_image(data), prepare_image(data, full_decode=True)
+        assert fast == decoded and fast.data is data, name
+
+
+def test_read_all_keeps_order_and_reports_unreadable_items_in_place(s3_bucket):
+    blobs = {f"{s3_bucket}/img/{i:03d}.JPEG": bytes([i]) * (100 + i) for i in range(40)}
+    for url, data in blobs.items():
+        storage.write_bytes(url, data)
+    items = [SourceItem(url.rsplit("/", 1)[-1], "n01440764", len(data), url) for url, data in blobs.items()]
+    items.insert(17, SourceItem("gone.JPEG", "n01440764", 5, f"{s3_bucket}/img/gone.JPEG"))
+    with ItemReader() as reader:
+        results = list(reader.read_all(items))
+    assert [item for item, _ in results] == items
+    for item, data in results:
+        if item.name == "gone.JPEG":
+            assert isinstance(data, storage.StorageError)
+        else:
+            assert data == blobs[item.url]
 
 
 def test_resize_keeps_aspect_with_torchvision_rounding():
@@ -175,15 +250,22 @@ def test_sha_of_listed_bytes_matches_sources(demo_tree):
 
 
 def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
-    """The shard writer skips tarfile's buffering layer; its bytes must equal tarfile's own output."""
+    """The shard writer fills its headers in itself and skips tarfile's buffering layer; its bytes must
+    equal tarfile's own output, for names and sizes around every field limit."""
     import tarfile
+    import zlib
 
-    from data_prep.shard_writer import _HashingWriter, _member, _TarWriter
+    from data_prep.shard_writer import _ChecksumWriter, _member, _TarWriter, member_header
 
+    rng = np.random.default_rng(0)
     members = [("a_1.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("a_1.cls", b"17"), ("a_1.json", b"{}"),
-               ("b" * 120 + ".jpg", b"x" * 512)]  # a name longer than a ustar header holds
+               ("empty.cls", b""), ("b" * 120 + ".jpg", b"x" * 512),  # longer than a ustar name field
+               ("c" * 95 + ".jpg", b"y" * 511), ("d" * 96 + ".jpg", b"z" * 513), ("e" * 100, b"1"),
+               ("val/ünï.jpg", b"u" * 3)]  # non-ASCII: tarfile's encoding
+    members += [(f"train-{i:06d}-{int(rng.integers(1e9)):09d}.jpg", rng.bytes(int(rng.integers(0, 3000))))
+                for i in range(40)]
     with open(tmp_path / "ours.tar", "wb") as f:
-        out = _HashingWriter(f)
+        out = _ChecksumWriter(f)
         writer = _TarWriter(out)
         offsets = [writer.add(name, data) for name, data in members]
         writer.close()
@@ -192,6 +274,9 @@ def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
             tar.addfile(_member(name, len(data)), io.BytesIO(data))
     ours = (tmp_path / "ours.tar").read_bytes()
     assert ours == (tmp_path / "reference.tar").read_bytes()
-    assert out.size == len(ours) and out.sha256.hexdigest() == hashlib.sha256(ours).hexdigest()
+    assert out.size == len(ours) and out.crc32 == zlib.crc32(ours)
     for (name, data), offset in zip(members, offsets):
         assert ours[offset:offset + len(data)] == data
+    for size in (0, 1, 8 ** 11 - 1, 8 ** 11, 10 ** 12):  # 8**11 bytes and up need tarfile's base-256 field
+        assert member_header("k.jpg", size) == _member("k.jpg", size).tobuf(tarfile.GNU_FORMAT, "utf-8",
+                                                                              "surrogateescape")
