@@ -3,7 +3,8 @@
 * ``<split>.parquet``: one row per sample (key, shard, label, wnid, source, width, height, bytes,
   sha256 of the stored image bytes, converted, resized, offset of the image in the shard tar).
 * ``<split>_rejected.parquet``: one row per input that could not be used (source, wnid, reason, detail).
-* ``<split>_shards.parquet``: one row per shard (shard, samples, bytes, crc32 of the file); readers take the
+* ``<split>_shards.parquet``: one row per shard (shard, samples, bytes, digest: see
+  ``data_prep/shard_writer.py``); readers take the
   sample counts from here.
 * ``<split>_plan.json``: the plan's fingerprint and settings; ``parts/<split>-NNNNNN.json``: the
   per-shard records the above are assembled from (the ledger that makes re-runs resume).
@@ -30,7 +31,7 @@ REJECTED_SCHEMA = pa.schema([("source", pa.string()), ("wnid", pa.string()), ("r
                              ("detail", pa.string())])
 ROW_GROUP_ROWS = 100_000
 SHARD_SCHEMA = pa.schema([("shard", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()),
-                          ("crc32", pa.string())])
+                          ("digest", pa.string())])
 
 
 def manifest_dir(output: str) -> str:
@@ -87,7 +88,7 @@ def write_manifests(output: str, split: str, shard_count: int, listing_rejected:
             batch.extend(record["samples"])
             rejected.extend(record["rejected"])
             shards.append({"shard": record["shard"], "samples": len(record["samples"]), "bytes": record["bytes"],
-                           "crc32": record["crc32"]})
+                           "digest": record["digest"]})
             if len(batch) >= ROW_GROUP_ROWS:
                 writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
                 batch = []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,16 @@ def demo_copy(demo_tree: DemoTree, tmp_path: Path) -> DemoTree:
     root = tmp_path / "imagenet"
     shutil.copytree(demo_tree.root, root)
     return DemoTree(root, list(demo_tree.files))
+
+
+def reference_shard_digest(data: bytes) -> str:
+    """The shard digest computed independently of the writer, with tarfile's member offsets: the bytes
+    around each member's content as they are, each content replaced by its sha256."""
+    digest, position = hashlib.sha256(), 0
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            digest.update(data[position:member.offset_data])
+            digest.update(hashlib.sha256(data[member.offset_data:member.offset_data + member.size]).digest())
+            position = member.offset_data + member.size
+    digest.update(data[position:])
+    return digest.hexdigest()

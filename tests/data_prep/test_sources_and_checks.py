@@ -14,6 +14,7 @@ from data_prep import make_demo_data as demo
 from cluster import storage
 from data_prep.image_check import RejectedImage, jpeg_frame, prepare_image, resized_size
 from data_prep.sources import InputError, ItemReader, Reason, SourceItem, list_split
+from tests.data_prep.conftest import reference_shard_digest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,9 +254,8 @@ def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
     """The shard writer fills its headers in itself and skips tarfile's buffering layer; its bytes must
     equal tarfile's own output, for names and sizes around every field limit."""
     import tarfile
-    import zlib
 
-    from data_prep.shard_writer import _ChecksumWriter, _member, _TarWriter, member_header
+    from data_prep.shard_writer import _DigestWriter, _member, _TarWriter, member_header, scan_shard
 
     rng = np.random.default_rng(0)
     members = [("a_1.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("a_1.cls", b"17"), ("a_1.json", b"{}"),
@@ -265,7 +265,7 @@ def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
     members += [(f"train-{i:06d}-{int(rng.integers(1e9)):09d}.jpg", rng.bytes(int(rng.integers(0, 3000))))
                 for i in range(40)]
     with open(tmp_path / "ours.tar", "wb") as f:
-        out = _ChecksumWriter(f)
+        out = _DigestWriter(f)
         writer = _TarWriter(out)
         offsets = [writer.add(name, data) for name, data in members]
         writer.close()
@@ -274,9 +274,21 @@ def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
             tar.addfile(_member(name, len(data)), io.BytesIO(data))
     ours = (tmp_path / "ours.tar").read_bytes()
     assert ours == (tmp_path / "reference.tar").read_bytes()
-    assert out.size == len(ours) and out.crc32 == zlib.crc32(ours)
+    scan = scan_shard(str(tmp_path / "ours.tar"), keep_members=True)
+    assert out.size == scan.size == len(ours)
+    assert out.digest.hexdigest() == scan.digest == reference_shard_digest(ours)
+    assert scan.members == {name.partition(".")[0]: {name.partition(".")[2]: data} for name, data in members
+                            if name.partition(".")[0] != "a_1"} | {"a_1": {"jpg": members[0][1], "cls": b"17",
+                                                                           "json": b"{}"}}
     for (name, data), offset in zip(members, offsets):
         assert ours[offset:offset + len(data)] == data
+    truncated, damaged = tmp_path / "truncated.tar", tmp_path / "damaged.tar"
+    truncated.write_bytes(ours[:offsets[0] + 10])
+    damaged.write_bytes(ours[:100] + bytes([ours[100] ^ 0x7]) + ours[101:])  # a header byte: its checksum fails
+    with pytest.raises(EOFError):
+        scan_shard(str(truncated))
+    with pytest.raises(tarfile.TarError):
+        scan_shard(str(damaged))
     for size in (0, 1, 8 ** 11 - 1, 8 ** 11, 10 ** 12):  # 8**11 bytes and up need tarfile's base-256 field
         assert member_header("k.jpg", size) == _member("k.jpg", size).tobuf(tarfile.GNU_FORMAT, "utf-8",
                                                                               "surrogateescape")
