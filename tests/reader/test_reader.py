@@ -6,6 +6,7 @@ import io
 import itertools
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,39 @@ def test_shard_url_forms(shards_80):
         expand_shard_urls(str(shards_80))
     with pytest.raises(FileNotFoundError):
         expand_shard_urls(f"{shards_80}/nothing-*.tar")
+
+
+def test_batch_ring_worker_waits_until_the_main_process_took_the_slot():
+    ring = data._BatchRing(workers=1, slots=2, batch_size=1, size=2)
+    first, pixels = ring.acquire(0, 0)
+    pixels[:] = 7
+    ring.acquire(0, 1)
+    third: list = []
+    waiting = threading.Thread(target=lambda: third.append(ring.acquire(0, 2)))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive(), "slot 0 still holds batch 0: batch 2 must wait"
+    taken = ring.take(first, lambda view: view.clone())
+    waiting.join(5)
+    assert not waiting.is_alive() and third[0][0].slot == 0
+    assert torch.equal(taken, torch.full((1, 2, 2, 3), 7, dtype=torch.uint8))
+
+
+def test_held_batches_stay_intact_while_workers_reuse_their_slots(shards_80):
+    """Every batch is copied out of its ring slot: 30 batches kept (6 times the slots per worker) equal
+    the same batches taken one at a time and dropped, in both output forms."""
+    def batches(uint8: bool, keep: bool):
+        stream = ImageShardStream(f"{shards_80}/train-*.tar", image_size=16, batch_size=4, num_workers=2, seed=2,
+                                  shuffle_buffer=10, uint8=uint8)
+        out = []
+        for batch in take(stream.iter_batches(), 30):
+            out.append(batch if keep else batch._replace(images=batch.images.clone()))
+        return out
+
+    for uint8 in (True, False):
+        kept, cloned = batches(uint8, keep=True), batches(uint8, keep=False)
+        assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(kept, cloned))
+        assert kept[0].images.dtype == (torch.uint8 if uint8 else torch.float32)
 
 
 @pytest.mark.parametrize("streams", [3, 10])

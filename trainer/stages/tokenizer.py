@@ -78,7 +78,7 @@ class TokenizerStage(TrainStage):
         return train_batches(data.train_shards, batch_size=self.cfg.trainer.batch_size_per_worker,
                              image_size=data.image_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
                              num_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer,
-                             seed=self.cfg.seed, start_batch=start_micro_batch, uint8=True)
+                             seed=self.cfg.seed, start_batch=start_micro_batch, uint8=True, device=self.device)
 
     def _images(self, batch: Any) -> torch.Tensor:
         """The batch's images as ``input_dtype`` NCHW in [0, 1] on the device; uint8 NHWC batches (the
