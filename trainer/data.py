@@ -511,10 +511,12 @@ class ImageShardStream:
     def _deliver(self, images: torch.Tensor, copy: bool) -> torch.Tensor:
         """The consumer's batch from uint8 pixels: as they are, or float NCHW in [0, 1], on ``device``
         (workers ship uint8, a quarter of the bytes; a GPU converts them itself). ``copy``: the pixels
-        are a ring slot, which the worker reuses."""
+        are a ring slot, which the worker reuses as soon as this returns."""
+        if images.device != self.device:
+            images, copy = images.to(self.device), False  # a blocking copy: the slot is free after it
         if self.uint8:
-            return images.to(self.device, copy=copy)
-        return to_float_images(images, self.device)
+            return images.clone() if copy else images
+        return to_float_images(images)
 
     def __iter__(self) -> Iterator[ImageBatch]:
         return self.iter_batches(0)
