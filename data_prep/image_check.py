@@ -1,12 +1,12 @@
 """Decide what to store for one input image: its bytes as they are, or an RGB JPEG made from it.
 
 Validation is structural by default, so sharding runs near the byte-copy limit: the header is parsed
-(format, mode, size) and a JPEG must end with its end-of-image marker. Plain 8-bit grayscale or colour
-JPEGs (nearly all of ImageNet) have their marker segments walked here, up to the start of scan, which
-costs a fifth of PIL's header parse; anything else, or anything odd, goes through PIL. ``full_decode`` decodes every
-image as well. JPEGs in RGB or grayscale are stored byte for byte; CMYK JPEGs and other formats (a
-PNG named ``.JPEG``) are converted to RGB JPEG and flagged; the optional resize re-encodes images
-whose shorter side exceeds the target.
+(format, mode, size) and a JPEG must end with its end-of-image marker. Plain 8-bit grayscale or
+colour JPEGs (nearly all of ImageNet) have their marker segments walked here, up to the start of
+scan, for a fraction of the cost of PIL's header parse; anything else, or anything odd, goes through
+PIL. ``full_decode`` decodes every image as well. JPEGs in RGB or grayscale are stored byte for
+byte; CMYK JPEGs and other formats (a PNG named ``.JPEG``) are converted to RGB JPEG and flagged;
+the optional resize re-encodes images whose shorter side exceeds the target.
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@
   sha256 of the stored image bytes, converted, resized, offset of the image in the shard tar).
 * ``<split>_rejected.parquet``: one row per input that could not be used (source, wnid, reason, detail).
 * ``<split>_shards.parquet``: one row per shard (shard, samples, bytes, digest: see
-  ``data_prep/shard_writer.py``); readers take the
-  sample counts from here.
+  ``data_prep/shard_writer.py``); readers take the sample counts from here.
 * ``<split>_plan.json``: the plan's fingerprint and settings; ``parts/<split>-NNNNNN.json``: the
   per-shard records the above are assembled from (the ledger that makes re-runs resume).
 """

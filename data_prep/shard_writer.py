@@ -227,7 +227,6 @@ def scan_shard(url: str, keep_members: bool = False) -> ShardScan:
             digest.update(padding)
             scan.size += len(content) + len(padding)
             if len(content) < info.size:
-                scan.digest = digest.hexdigest()
                 raise EOFError(f"{url} ends inside member {info.name}")
             if info.type == tarfile.GNUTYPE_LONGNAME:
                 long_name = content.rstrip(tarfile.NUL).decode("utf-8", "surrogateescape")
@@ -287,18 +286,19 @@ def verify_shard(url: str, expected_bytes: int, expected_digest: str, rows: list
     """Re-read one shard and compare it with its manifest rows; returns the problems found."""
     name = url.rsplit("/", 1)[-1]
     problems: list[str] = []
+    members: dict[str, dict[str, bytes]] = {}
     try:
         scan = scan_shard(url, keep_members=True)
     except storage.StorageError as err:
         return [f"{name}: cannot read ({err})"]
     except (tarfile.TarError, EOFError, OSError) as err:
         problems.append(f"{name}: unreadable tar ({type(err).__name__}: {err})")
-        scan = ShardScan(members={})
-    members = scan.members or {}
-    if scan.size and scan.size != expected_bytes:
-        problems.append(f"{name}: {scan.size} bytes, manifest says {expected_bytes}")
-    if scan.digest and scan.digest != expected_digest:
-        problems.append(f"{name}: digest differs from the manifest")
+    else:
+        members = scan.members or {}
+        if scan.size != expected_bytes:
+            problems.append(f"{name}: {scan.size} bytes, manifest says {expected_bytes}")
+        if scan.digest != expected_digest:
+            problems.append(f"{name}: digest differs from the manifest")
     expected = {row["key"]: row for row in rows}
     for key in sorted(set(members) - set(expected)):
         problems.append(f"{name}: sample {key} is not in the manifest")

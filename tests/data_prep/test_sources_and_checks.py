@@ -255,7 +255,7 @@ def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
     equal tarfile's own output, for names and sizes around every field limit."""
     import tarfile
 
-    from data_prep.shard_writer import _DigestWriter, _member, _TarWriter, member_header, scan_shard
+    from data_prep.shard_writer import _DigestWriter, _member, _TarWriter, member_header, scan_shard, verify_shard
 
     rng = np.random.default_rng(0)
     members = [("a_1.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("a_1.cls", b"17"), ("a_1.json", b"{}"),
@@ -289,6 +289,12 @@ def test_shard_tar_bytes_are_what_tarfile_writes(tmp_path):
         scan_shard(str(truncated))
     with pytest.raises(tarfile.TarError):
         scan_shard(str(damaged))
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    digest = out.digest.hexdigest()
+    assert verify_shard(str(empty), len(ours), digest, []) == [
+        f"empty.tar: 0 bytes, manifest says {len(ours)}", "empty.tar: digest differs from the manifest"]
+    assert [p.split(" (")[0] for p in verify_shard(str(truncated), len(ours), digest, [])] == ["truncated.tar: unreadable tar"]
     for size in (0, 1, 8 ** 11 - 1, 8 ** 11, 10 ** 12):  # 8**11 bytes and up need tarfile's base-256 field
         assert member_header("k.jpg", size) == _member("k.jpg", size).tobuf(tarfile.GNU_FORMAT, "utf-8",
                                                                               "surrogateescape")
