@@ -4,8 +4,9 @@ single-process PIL open-resize-crop loop over the same images.
     python bench/reader_throughput.py [--images 800] [--workers 0,1,2] [--image-size 256]
 
 Shards ImageNet-like JPEGs (~110 KB, ~400x350) twice: the originals and the pre-resized variant
-(shorter side = image size, ``shard.py resize=...``), then times the reader over each after warm-up.
-Target: >= 0.85 of ideal. Also prints the gain from the pre-resized shards.
+(shorter side = image size, ``shard.py resize=...``), then times the reader over each after warm-up:
+``step_batches`` on one rank, steps of one batch read in one stream per loader worker (what a new
+run picks). Target: >= 0.85 of ideal. Also prints the gain from the pre-resized shards.
 """
 
 from __future__ import annotations
@@ -63,20 +64,22 @@ def plain_pil_rate(paths: list[Path], size: int, seconds: float = 4.0) -> float:
 
 
 def reader_rate(shards: Path, size: int, batch_size: int, workers: int, seconds: float, uint8: bool = True) -> float:
-    """Images/s of the reader as the trainer uses it: uint8 batches, converted to float on the device
-    (``uint8=False``: converted to float by the reader's main process, the CPU-only path)."""
-    from trainer.data import ImageShardStream
+    """Images/s of the reader as the trainer uses it: one rank, steps of ``batch_size`` images in the
+    streams a new run would pick (one per loader worker), uint8 batches converted to float on the
+    device (``uint8=False``: converted to float by the reader's main process, the CPU-only path)."""
+    from trainer.batch_layout import StepLayout, default_streams
+    from trainer.data import step_batches
 
-    stream = ImageShardStream(f"{shards}/train-*.tar", image_size=size, batch_size=batch_size, num_workers=workers,
-                              shuffle_buffer=200, seed=0, uint8=uint8)
-    batches = stream.iter_batches()
+    layout = StepLayout(batch_size, default_streams(batch_size, max(1, workers)), 1, batch_size)
+    batches = step_batches(f"{shards}/train-*.tar", layout, 0, image_size=size, num_workers=workers,
+                           shuffle_buffer=200, seed=0, uint8=uint8)
     for _ in range(2 * max(1, workers)):  # worker start-up and first windows
         next(batches)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         done += next(batches).images.shape[0]
     rate = done / (time.perf_counter() - start)
-    del batches
+    batches.close()
     return rate
 
 

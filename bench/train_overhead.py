@@ -13,7 +13,7 @@ rounds (plain, Ray; Ray, plain; ...) so drifting machine load hits both alike.
   times are the loop's own ``perf/step_time_s`` (mean over each ``--log-every`` window; a window pays
   for the previous window's logging), read back from MLflow.
 * ``plain``: ``build_tokenizer`` + ``build_pixel_loss`` + ``torch.optim.AdamW`` (same groups, LR
-  schedule and grad clipping), batches from ``trainer.data.train_batches``, torch threads set to what a
+  schedule and grad clipping), batches from ``trainer.data.step_batches``, torch threads set to what a
   Ray worker gets (``trainer.cpus_per_worker``; the worker's own count is recorded and printed).
 
 The EMA is off in both (a model feature, not framework cost). Windows ending at or before ``--warmup``
@@ -174,7 +174,8 @@ def describe_usage(u: dict[str, float]) -> str:
 
 def plain_run(cfg, steps: int) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
     """A plain loop: per-window mean step time and mean loss, and the wall-clock time of each step's end."""
-    from trainer.data import train_batches
+    from trainer.batch_layout import StepLayout, default_streams
+    from trainer.data import step_batches
     from trainer.distributed import lr_scheduler_factory, param_groups
     from trainer.losses import build_pixel_loss
     from trainer.loop import seed_everything
@@ -189,9 +190,14 @@ def plain_run(cfg, steps: int) -> tuple[dict[int, float], dict[int, float], dict
                                   eps=optim.eps)
     scheduler = lr_scheduler_factory(optim, cfg.trainer.max_steps)(optimizer)
     data = cfg.data
-    batches = train_batches(data.train_shards, batch_size=cfg.trainer.batch_size_per_worker,
-                            image_size=data.image_size, num_workers=data.loader_workers,
-                            shuffle_buffer=data.shuffle_buffer, seed=cfg.seed)
+    # The layout the driver gives a new run on one worker (trainer/resume.py): the same batches.
+    micro = cfg.trainer.batch_size_per_worker
+    global_batch = cfg.trainer.global_batch_size or micro
+    layout = StepLayout(global_batch, data.streams or default_streams(global_batch, max(1, data.loader_workers)), 1, micro)
+    if layout.accumulation != 1:
+        raise SystemExit(f"the plain loop takes one micro-batch a step; global batch {global_batch} > {micro}")
+    batches = step_batches(data.train_shards, layout, 0, image_size=data.image_size, num_workers=data.loader_workers,
+                           seed=cfg.seed, shuffle_buffer=data.shuffle_buffer)
     times, losses, stamps = [], [], []
     started = time.perf_counter()
     for step in range(steps):

@@ -119,7 +119,7 @@ class ShardSlice:
         from trainer.data import ImageShardStream
 
         reader = ImageShardStream(list(self.urls), image_size=self.image_size, batch_size=batch_size,
-                                  rank=self.stream, world_size=self.num_streams, num_workers=0, train=False,
+                                  rank=self.stream, world_size=self.num_streams, num_workers=0,
                                   draft=self.draft, pin_memory=False, uint8=True)
         for batch in reader.iter_batches():
             yield Batch(batch.images.permute(0, 3, 1, 2).contiguous(), batch.labels)

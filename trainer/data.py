@@ -1,68 +1,100 @@
 """Streaming reader of image shards (``data_prep/shard.py`` output) for training and evaluation.
 
-    stream = ImageShardStream("s3://bucket/imagenet/train-{000000..001281}.tar", image_size=256,
-                              batch_size=32, rank=rank, world_size=world, num_workers=8, seed=0)
-    for batch in stream.iter_batches(start_batch=step):   # ImageBatch(images, labels, keys)
+    layout = StepLayout(global_batch=256, streams=16, world_size=world, micro_batch=32)
+    batches = step_batches("s3://bucket/imagenet/train-{000000..001281}.tar", layout, rank, image_size=256,
+                           num_workers=8, seed=0, shuffle_buffer=1000, start_step=step)
+    for batch in batches:   # ImageBatch(images, labels, keys, step, micro, padding), endless
+        ...
+    for batch in eval_batches("val-*.tar", batch_size=64, image_size=256, rank=rank, world_size=world):
         ...
 
-**Streams.** The ``world_size x max(1, num_workers)`` DataLoader workers of a job are *streams*.
-Each epoch ``e`` permutes the shards with ``(seed, e)``; with at least as many shards as streams,
-stream ``j`` reads shards ``perm[j::S]``, otherwise every stream reads every shard and keeps the
-samples whose position in the epoch is ``j`` modulo ``S`` (still disjoint and complete).
+**Training order.** A run reads its images in ``L`` logical streams (``trainer/image_streams.py``):
+stream ``l`` reads the shards ``perm_e[l::L]`` of epoch ``e`` whole and in order (every ``L``-th
+sample of every shard when there are fewer shards than streams), shuffled within windows of
+``shuffle_buffer`` samples; the crop and flip of a sample come from a generator seeded by its
+(epoch, window, position). Step ``s`` takes ``q = G / L`` consecutive samples of every stream
+(``trainer/batch_layout.py``: global slot ``i`` is sample ``s q + i % q`` of stream ``i // q``). So
+the pixels, labels and keys of every slot of every step are a pure function of (shards, ``G``,
+``L``, seed, ``shuffle_buffer``): **not of the number of ranks or of loader workers**. Within a
+stream's epoch every sample is used once, across any sequence of resizes, because a stream's
+position is the step number alone.
 
-**Shuffle and exact resume.** A stream groups its shards of an epoch into *windows* of at least
-``shuffle_buffer`` samples and yields each window in a seeded permutation; crops and flips come from a
-generator seeded by the sample's position. So the sample at any stream position is a pure function
-of (seed, position, shard sample counts). The counts come from ``manifest/<split>_shards.parquet``
-(or one scan of the shard). Resuming at batch ``k`` locates the window, reads its bytes (no decoding)
-and decodes only what it yields: the batches equal the uninterrupted run's, as long as seed, batch
-size, world size, worker count and shuffle_buffer are the same. Memory: each loader worker holds
-the raw bytes of two windows (the one it yields and the next, read ahead), ~2 x shuffle_buffer x
-110 KB for ImageNet's original JPEGs.
+**A rank's reading.** Rank ``m`` reads the streams its slots touch (``layout.rank_streams(m)``:
+whole streams, and partial ones at its edges when the world size does not divide ``L``). It reads
+them whole-shard and sequentially (S3-friendly, no random access per sample) but decodes only its
+offsets. Its streams are dealt round-robin to ``min(num_workers, streams)`` DataLoader workers (a
+notice is logged when loader workers would idle). For every step, each loader worker decodes the
+offsets of its streams into one *chunk* and yields it, so the DataLoader's round-robin hands the
+main process, per step, one chunk from each worker in worker order; the main process puts the slots
+in order and cuts them into ``layout.accumulation`` micro-batches (``layout.micro_batches(m)``). An
+empty micro-batch (a world size that does not divide ``G``, with fewer slots than micro-batches)
+becomes a stand-in holding the rank's first sample of the step, ``padding=True``: the trainer runs
+it with loss weight 0 to keep every rank in step.
 
-**DataLoader order.** Each worker batches its own stream; the DataLoader hands out worker batches
-round-robin, so rank-local batch ``b`` is stream batch ``b // W`` of worker stream ``b % W``. After a
-restart at ``b0``, loader worker ``i`` plays stream ``(b0 + i) % W``.
+**Exact resume.** ``start_step=k`` puts every stream at its position of step ``k``: the window is
+located from the shard sample counts (``manifest/<split>_shards.parquet``, or one scan of the
+shard), its bytes read, and only what is yielded is decoded. The micro-batches equal the
+uninterrupted run's from step ``k`` on, for any number of loader workers (and any world size, slot
+for slot).
 
-**Bad data.** A sample that fails to decode, or that a truncated shard no longer holds, is counted,
-logged and replaced by another image of the same batch (batches keep their size and their step);
-unreadable or truncated shards are counted as well. :attr:`ImageShardStream.counters` has the totals.
+**Bad data.** A slot whose sample fails to decode, or that a truncated shard no longer holds,
+takes its stream's next good sample (with that sample's own crop and flip): the replacement is the
+same whichever rank or worker reads the slot, so bad data does not break the invariants above, and
+micro-batches keep their size. Each bad slot is counted once (by the rank owning it); truncated and
+unreadable shards are counted per reading (a partial stream is read by two ranks). A stream with no
+decodable image in as many samples as the dataset holds is an error. :attr:`StepBatches.counters`
+has the totals.
 
-Decoding uses PIL's JPEG ``draft()`` (DCT-domain downscale to at least the target size) before the
-bicubic resize of the shorter side to ``image_size``; train mode takes a random ``image_size`` crop
-and a random horizontal flip, eval mode the center crop (the TiTok recipe). Images are float NCHW
+**Memory.** Every stream keeps the raw bytes of the window it yields and of the next one, read ahead
+by a thread: a loader worker holds ``2 x (its streams) x shuffle_buffer`` samples, ~220 MB per stream
+for ImageNet's original JPEGs (~110 KB) at ``shuffle_buffer=1000``. Give each loader worker one
+stream (``L = world size x loader workers``, the default of a new run) to keep it at two windows.
+
+**Loader workers** decode into a ring of shared-memory buffers per worker (:class:`_BatchRing`, a
+slot holds the largest chunk) and send only the slot number; the main process copies each
+micro-batch out (to ``device``, or converting to float) and frees the slots after a step's last
+micro-batch. Shared memory: workers x (prefetch_factor + 3) x largest chunk, e.g. 8 x 5 x 6.3 MB for
+chunks of 32 images of 256 pixels.
+
+**Decoding.** PIL's JPEG ``draft()`` (DCT-domain downscale to at least the target size) before the
+bicubic resize of the shorter side to ``image_size``; training takes a random ``image_size`` crop
+and a random horizontal flip, evaluation the center crop (the TiTok recipe). Images are float NCHW
 in [0, 1], or with ``uint8=True`` the decoded bytes as uint8 NHWC: the trainer takes those and
 converts them on its device with :func:`to_float_images` (a quarter of the bytes to copy, and no
 conversion on the CPU cores the loader workers need). ``device`` is where batches are delivered.
 
-**Loader workers** decode into a ring of shared-memory batch buffers per worker (:class:`_BatchRing`)
-and send only the slot number; the main process copies each batch out (to ``device``, or converting
-to float) and frees the slot. Shared memory: workers x (prefetch_factor + 3) x batch bytes
-(uint8), e.g. 8 x 5 x 6.3 MB for batches of 32 images of 256 pixels.
+**Evaluation** (:class:`ImageShardStream`, :func:`eval_batches`): one pass in shard order, center
+crop, every sample once across ``world_size x max(1, num_workers)`` readers (shard-level split when
+there are enough shards, every ``S``-th sample otherwise), batches of ``batch_size`` within a reader
+(the last may be short); corrupt samples are skipped and counted.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import fnmatch
+import functools
 import io
+import itertools
 import logging
 import os
 import re
-import tarfile
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Iterator, NamedTuple, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from cluster import storage
+from trainer.batch_layout import StepLayout
+# Re-exported: other modules read shards through trainer.data.
+from trainer.image_streams import (IMAGE_EXTENSIONS, RawSample, ReadCounters, SampleId, StreamPlan,  # noqa: F401
+                                   StreamReader, image_bytes_of, tar_samples)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-\d+\.tar$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -71,24 +103,9 @@ class ImageBatch(NamedTuple):
     images: torch.Tensor   # float32 [B, 3, S, S] in [0, 1]; with ``uint8=True`` uint8 [B, S, S, 3]
     labels: torch.Tensor   # int64 [B]
     keys: list[str]        # sample keys (eval: exactly the images read; train: after replacements)
-
-
-@dataclass
-class ReadCounters:
-    """Problems met while reading (events: a truncated shard read by two streams counts twice)."""
-
-    corrupt_samples: int = 0     # image or label that could not be decoded
-    missing_samples: int = 0     # expected from the shard counts but absent (truncated shard)
-    truncated_shards: int = 0
-    unreadable_shards: int = 0
-
-    def add(self, other: "ReadCounters | dict") -> None:
-        values = other if isinstance(other, dict) else asdict(other)
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + values.get(f.name, 0))
-
-    def any(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self))
+    step: int = 0          # train: the optimizer step the micro-batch belongs to
+    micro: int = 0         # train: its index among the step's micro-batches of this rank
+    padding: bool = False  # train: a stand-in for an empty micro-batch (one real sample; loss weight 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,100 +186,6 @@ def _scan_count(url: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading tar shards
-
-
-def _open(url: str):
-    import webdataset
-
-    storage.register_webdataset_s3()
-    return webdataset.gopen(url, "rb")
-
-
-def _tar_mode(stream) -> str:
-    """Random access for files (half the CPU of stream mode per member, and skipped members are
-    seeked over, not read); stream mode for anything else (S3 bodies, pipes)."""
-    try:
-        return "r:" if stream.seekable() else "r|"
-    except (AttributeError, OSError, ValueError):
-        return "r|"
-
-
-def tar_samples(url: str, want) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """(index, key, {extension: bytes}) for every sample of a shard, in order; the files are read
-    only for samples ``want(index)`` accepts (tar stream mode skips the others' bytes).
-    Raises on I/O and tar errors after yielding what was readable."""
-    from webdataset.tariterators import base_plus_ext
-
-    index, key, files, keep = -1, None, {}, False
-    with _open(url) as stream, tarfile.open(fileobj=stream, mode=_tar_mode(stream)) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, ext = base_plus_ext(info.name)
-            if member_key is None:
-                continue
-            if member_key != key:
-                if key is not None:
-                    yield index, key, files
-                index, key, files = index + 1, member_key, {}
-                keep = want(index)
-            if keep:
-                files[ext.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]
-    if key is not None:
-        yield index, key, files
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """The part of one shard that a stream reads in one epoch."""
-
-    shard: int
-    keep: tuple[int, ...] | None   # sample indices within the shard; None: the first ``count``
-    count: int
-
-
-@dataclass
-class _Sample:
-    key: str
-    image: bytes | None
-    label: bytes | None
-
-
-def image_bytes_of(files: dict[str, bytes]) -> bytes | None:
-    return next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
-
-
-def _read_segment(url: str, seg: _Segment, counters: ReadCounters) -> list[_Sample | None]:
-    """One slot per expected sample of ``seg``; None where the shard no longer holds it."""
-    slots: list[_Sample | None] = [None] * seg.count
-    position = {index: p for p, index in enumerate(seg.keep)} if seg.keep is not None else None
-    want = (lambda i: i < seg.count) if position is None else position.__contains__
-    found = 0
-    try:
-        for index, key, files in tar_samples(url, want):
-            if not want(index):
-                continue
-            slots[index if position is None else position[index]] = _Sample(key, image_bytes_of(files), files.get("cls"))
-            found += 1
-            if found == seg.count:
-                break
-    except Exception as err:  # noqa: BLE001 - unreadable or truncated shards are counted, never fatal
-        if found == 0:
-            counters.unreadable_shards += 1
-            log.warning("shard %s unreadable (%s: %s); its %d samples are skipped", url, type(err).__name__, err, seg.count)
-        else:
-            counters.truncated_shards += 1
-            log.warning("shard %s truncated after %d samples (%s: %s)", url, found, type(err).__name__, err)
-    else:
-        if found < seg.count:
-            counters.truncated_shards += 1
-            log.warning("shard %s holds %d of its %d expected samples", url, found, seg.count)
-    counters.missing_samples += seg.count - found
-    return slots
-
-
-# ----------------------------------------------------------------------------------------------
 # Decoding and augmentation (the TiTok recipe)
 
 
@@ -308,6 +231,10 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     return pixels[top:top + size, left:left + size]
 
 
+# ----------------------------------------------------------------------------------------------
+# Shared memory and delivery
+
+
 @dataclass(frozen=True)
 class _RingRef:
     """Stands for a batch's images in the loader-worker -> main process message: slot ``slot`` of
@@ -322,11 +249,11 @@ class _BatchRing:
     """Pixel buffers in shared memory that the loader workers fill and the main process empties, each
     worker a ring of ``slots``: a classic bounded ring buffer.
 
-    Worker ``w`` decodes its ``j``-th batch into slot ``j % slots`` once the main process has taken
-    out its batch ``j - slots`` (the main process counts what it took, per worker, in shared memory
+    Worker ``w`` decodes its ``j``-th batch into slot ``j % slots`` once the main process has released
+    its batch ``j - slots`` (the main process counts what it released, per worker, in shared memory
     too). Fresh shared memory for every batch cost the workers ~6% of their time in page faults. With
-    ``slots`` above the DataLoader's prefetch depth plus the one batch a worker holds back, a worker
-    never waits in practice; the wait is the guarantee, not the flow control."""
+    ``slots`` above the DataLoader's prefetch depth plus what the main process holds, a worker never
+    waits in practice; the wait is the guarantee, not the flow control."""
 
     def __init__(self, workers: int, slots: int, batch_size: int, size: int) -> None:
         self.slots, self.batch_size, self.main_pid = slots, batch_size, os.getpid()
@@ -344,32 +271,52 @@ class _BatchRing:
         slot = number % self.slots
         return _RingRef(worker, slot, self.batch_size), self.pixels[worker, slot].numpy()
 
+    def view(self, ref: _RingRef) -> torch.Tensor:
+        """Main process: the batch's pixels, valid until :meth:`release`."""
+        return self.pixels[ref.worker, ref.slot, :ref.count]
+
+    def release(self, ref: _RingRef) -> None:
+        """Main process: the worker may reuse the slot (batches are released in order per worker)."""
+        self.taken[ref.worker] += 1
+
     def take(self, ref: _RingRef, copy_out) -> torch.Tensor:
         """Main process: ``copy_out(view of the slot)`` (which must copy), then free the slot."""
-        images = copy_out(self.pixels[ref.worker, ref.slot, :ref.count])
-        self.taken[ref.worker] += 1
+        images = copy_out(self.view(ref))
+        self.release(ref)
         return images
 
 
 class _BatchBuffers:
-    """Where one stream decodes its batches: a fresh tensor per batch in the main process, its slots
-    of the ring in a loader worker."""
+    """Where a reader decodes its batches of ``count`` images: a fresh tensor per batch in the main
+    process, its slots of the ring in a loader worker."""
 
-    def __init__(self, ring: _BatchRing | None, worker: int, batch_size: int, size: int) -> None:
-        self._ring, self._worker, self._shape, self._number = ring, worker, (batch_size, size, size, 3), 0
+    def __init__(self, ring: _BatchRing | None, worker: int, count: int, size: int) -> None:
+        self._ring, self._worker, self._shape, self._number = ring, worker, (count, size, size, 3), 0
 
     def new(self) -> tuple[torch.Tensor | _RingRef, np.ndarray]:
-        """(what the batch carries as its images, the [B, H, W, 3] uint8 array to decode into)."""
+        """(what the batch carries as its images, the [count, H, W, 3] uint8 array to decode into)."""
         if self._ring is None:
             images = torch.empty(self._shape, dtype=torch.uint8)
             return images, images.numpy()
         ref, pixels = self._ring.acquire(self._worker, self._number)
         self._number += 1
-        return ref, pixels
+        count = self._shape[0]
+        return _RingRef(ref.worker, ref.slot, count), pixels[:count]
 
 
 def _first(images: torch.Tensor | _RingRef, count: int) -> torch.Tensor | _RingRef:
     return images[:count] if isinstance(images, torch.Tensor) else _RingRef(images.worker, images.slot, count)
+
+
+class _LoaderDataset(torch.utils.data.IterableDataset):
+    """Runs ``produce(loader worker id)`` in each DataLoader worker (worker 0: the main process)."""
+
+    def __init__(self, produce: Callable[[int], Iterator]) -> None:
+        self.produce = produce
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        return self.produce(info.id if info else 0)
 
 
 def to_float_images(images: torch.Tensor, device: torch.device | str | None = None,
@@ -383,119 +330,258 @@ def to_float_images(images: torch.Tensor, device: torch.device | str | None = No
 
 
 # ----------------------------------------------------------------------------------------------
-# Which samples each stream reads
+# Training: the micro-batches of a rank's steps
 
 
-class _StreamPlan:
-    """Epoch ``e`` of stream ``j``: its shard segments, grouped into shuffle windows."""
+class _Chunk(NamedTuple):
+    """What a loader worker sends for one step: its streams' offsets of the step, decoded, in the
+    order it was dealt the streams."""
 
-    def __init__(self, counts: Sequence[int], num_streams: int, seed: int, window: int) -> None:
-        self.counts, self.num_streams, self.seed, self.window = list(counts), num_streams, seed, window
-        self._cache: dict[tuple[int, int], list[list[_Segment]]] = {}
+    step: int
+    worker: int
+    images: torch.Tensor | _RingRef   # uint8 [n, S, S, 3]
+    labels: torch.Tensor              # int64 [n]
+    keys: list[str]
+    problems: dict                    # the worker's new problems since its previous chunk
 
-    def shard_order(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.counts)).tolist()
 
-    def segments(self, epoch: int, stream: int) -> list[_Segment]:
-        order, streams = self.shard_order(epoch), self.num_streams
-        if len(order) >= streams:  # shard-level split
-            return [_Segment(s, None, self.counts[s]) for s in order[stream::streams] if self.counts[s] > 0]
-        out, before = [], 0  # sample-level split: every stream reads every shard
-        for s in order:
-            keep = tuple(range((stream - before) % streams, self.counts[s], streams))
-            if keep:
-                out.append(_Segment(s, keep, len(keep)))
-            before += self.counts[s]
-        return out
+def _runs(where: list[tuple[int, int]], slots: range) -> list[tuple[int, int, int]]:
+    """(worker, start, stop) runs of chunk indices that hold ``slots`` (rank-relative), in order."""
+    runs: list[tuple[int, int, int]] = []
+    for slot in slots:
+        worker, index = where[slot]
+        if runs and runs[-1][0] == worker and runs[-1][2] == index:
+            runs[-1] = (worker, runs[-1][1], index + 1)
+        else:
+            runs.append((worker, index, index + 1))
+    return runs
 
-    def windows(self, epoch: int, stream: int) -> list[list[_Segment]]:
-        key = (epoch, stream)
-        if key not in self._cache:
-            windows: list[list[_Segment]] = [[]]
-            filled = 0
-            for seg in self.segments(epoch, stream):
-                if filled >= self.window:
-                    windows.append([])
-                    filled = 0
-                windows[-1].append(seg)
-                filled += seg.count
-            self._cache = {k: v for k, v in self._cache.items() if k[0] >= epoch - 1}
-            self._cache[key] = windows if windows[0] else []
-        return self._cache[key]
 
-    def locate(self, stream: int, position: int) -> tuple[int, int, int]:
-        """(epoch, window, offset in window) of a stream position."""
-        epoch, empty_epochs = 0, 0
-        while True:
-            windows = self.windows(epoch, stream)
-            length = sum(seg.count for w in windows for seg in w)
-            if length == 0:
-                empty_epochs += 1
-                if empty_epochs > 1000:
-                    raise ValueError(f"stream {stream} gets no samples (are the shards empty?)")
-            elif position < length:
-                for w, segs in enumerate(windows):
-                    size = sum(seg.count for seg in segs)
-                    if position < size:
-                        return epoch, w, position
-                    position -= size
-            else:
-                position -= length
-            epoch += 1
+class StepBatches:
+    """Rank ``rank``'s micro-batches of steps ``start_step, start_step + 1, ...`` (endless, in order):
+    an iterator of :class:`ImageBatch` with ``step``, ``micro`` and ``padding`` set. See the module
+    docstring for the order, the loader workers and bad data; :attr:`counters` sums the problems.
 
-    def window_sequence(self, stream: int, epoch: int, window: int) -> Iterator[tuple[int, int, list[_Segment]]]:
-        while True:
-            windows = self.windows(epoch, stream)
-            for w in range(window, len(windows)):
-                yield epoch, w, windows[w]
-            epoch, window = epoch + 1, 0
+    The batches come from a generator of :class:`_StepReader` that does not refer back to this
+    object, so dropping it closes the generator and stops the loader workers at once (no cycle)."""
+
+    def __init__(self, shards: str | Sequence[str], layout: StepLayout, rank: int, **options) -> None:
+        self.reader = _StepReader(shards, layout, rank, **options)
+        self.counters = ReadCounters()
+        self._batches: Iterator[ImageBatch] | None = None
+
+    @property
+    def counts(self) -> list[int]:
+        """Samples per shard, in shard order."""
+        return self.reader.counts
+
+    def __iter__(self) -> "StepBatches":
+        return self
+
+    def __next__(self) -> ImageBatch:
+        if self._batches is None:
+            self._batches = self.reader.batches(self.counters)
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Stop the loader workers now (dropping the object does too); iterating again starts over."""
+        if self._batches is not None:
+            self._batches.close()  # type: ignore[attr-defined]
+            self._batches = None
+
+
+class _StepReader:
+    """Everything :class:`StepBatches` reads by: the rank's streams, their loader workers, the
+    micro-batches' places in the workers' chunks."""
+
+    def __init__(self, shards: str | Sequence[str], layout: StepLayout, rank: int, *, image_size: int,
+                 num_workers: int, seed: int, shuffle_buffer: int, start_step: int = 0, draft: bool = True,
+                 uint8: bool = False, device: str | torch.device = "cpu", prefetch_factor: int = 2) -> None:
+        if image_size < 1 or num_workers < 0 or shuffle_buffer < 1 or start_step < 0:
+            raise ValueError("image_size, shuffle_buffer >= 1 and num_workers, start_step >= 0 are required")
+        if not 0 <= rank < layout.world_size:
+            raise ValueError(f"rank must be in [0, {layout.world_size}), got {rank}")
+        self.urls = expand_shard_urls(shards)
+        self.counts = shard_sample_counts(self.urls)
+        if not sum(self.counts):
+            raise ValueError(f"the shards hold no samples: {self.urls[:3]}{' ...' if len(self.urls) > 3 else ''}")
+        self.layout, self.rank, self.start_step = layout, rank, start_step
+        self.first_position = layout.slot_source(start_step, 0)[1]   # every stream's position at the start
+        self.image_size, self.seed, self.shuffle_buffer, self.draft = image_size, seed, shuffle_buffer, draft
+        self.uint8, self.device, self.prefetch_factor = uint8, torch.device(device), prefetch_factor
+
+        streams = layout.rank_streams(rank)
+        self.loader_workers = min(num_workers, len(streams))
+        if num_workers > len(streams):
+            log.warning("rank %d reads %d stream(s): %d of its %d loader workers would idle, %d started "
+                        "(data.streams sets the streams of a new run)", rank, len(streams),
+                        num_workers - len(streams), num_workers, len(streams))
+        parts = max(1, self.loader_workers)
+        self.assignment = [streams[w::parts] for w in range(parts)]   # loader worker -> its (stream, offsets)
+        self.chunk_sizes = [sum(len(offsets) for _, offsets in mine) for mine in self.assignment]
+        where: list[tuple[int, int]] = []   # (loader worker, index in its chunk) of each slot of the rank
+        filled = [0] * parts
+        for k, (_, offsets) in enumerate(streams):
+            where.extend((k % parts, filled[k % parts] + i) for i in range(len(offsets)))
+            filled[k % parts] += len(offsets)
+        first = layout.rank_slots(rank).start
+        # Each micro-batch: its (worker, start, stop) chunk runs, and whether it is a padding stand-in.
+        self._micro_runs = [(_runs(where, range(r.start - first, r.stop - first)), False) if r
+                            else (_runs(where, range(0, 1)), True) for r in layout.micro_batches(rank)]
+
+    # --- main process ---------------------------------------------------------------------------
+    def batches(self, counters: ReadCounters) -> Iterator[ImageBatch]:
+        """The micro-batches from ``start_step`` on; the problems met are added to ``counters``."""
+        workers = self.loader_workers
+        # Slots per worker: the DataLoader's prefetch depth, the chunk being decoded, the one the main
+        # process is cutting into micro-batches, and one spare.
+        ring = (_BatchRing(workers, self.prefetch_factor + 3, max(self.chunk_sizes), self.image_size)
+                if workers else None)
+        loader = torch.utils.data.DataLoader(
+            _LoaderDataset(functools.partial(self._worker_chunks, ring=ring)), batch_size=None, num_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers else None)
+        chunks = iter(loader)
+        last = len(self._micro_runs) - 1
+        for step in itertools.count(self.start_step):
+            got: list[_Chunk] = [next(chunks) for _ in self.assignment]
+            for w, chunk in enumerate(got):
+                if (chunk.step, chunk.worker) != (step, w):
+                    raise RuntimeError(f"loader chunks out of order: expected step {step} of worker {w}, got step "
+                                       f"{chunk.step} of worker {chunk.worker}")
+                if any(chunk.problems.values()):
+                    counters.add(chunk.problems)
+                    log.warning("data problems so far (rank %d): %s", self.rank, asdict(counters))
+            views = [ring.view(c.images) if ring is not None else c.images for c in got]
+            for micro, (runs, padding) in enumerate(self._micro_runs):
+                images = self._deliver([views[w][lo:hi] for w, lo, hi in runs])
+                labels = torch.cat([got[w].labels[lo:hi] for w, lo, hi in runs])
+                keys = [key for w, lo, hi in runs for key in got[w].keys[lo:hi]]
+                if micro == last and ring is not None:
+                    for chunk in got:  # every micro-batch of the step is copied out
+                        ring.release(chunk.images)
+                yield ImageBatch(images, labels, keys, step, micro, padding)
+
+    def _deliver(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """A micro-batch from uint8 views of chunks (ring slots, reused once released): copied out, on
+        ``device``, as uint8 or float NCHW in [0, 1] (workers ship uint8, a quarter of the bytes; a GPU
+        converts them itself). Copies to another device are blocking, so the slots are free after."""
+        if not self.uint8 and len(views) == 1:
+            return to_float_images(views[0].to(self.device))  # on the CPU the conversion is the copy
+        out = torch.empty((sum(len(v) for v in views), *views[0].shape[1:]), dtype=torch.uint8, device=self.device)
+        at = 0
+        for view in views:
+            out[at:at + len(view)].copy_(view)
+            at += len(view)
+        return out if self.uint8 else to_float_images(out)
+
+    # --- loader workers -------------------------------------------------------------------------
+    def _worker_chunks(self, worker: int, ring: _BatchRing | None) -> Iterator[_Chunk]:
+        """Loader worker ``worker``: one chunk per step, its streams' offsets in dealt order."""
+        storage.register_webdataset_s3()
+        mine, size = self.assignment[worker], self.chunk_sizes[worker]
+        buffers = _BatchBuffers(ring, worker, size, self.image_size)
+        plan = StreamPlan(self.counts, self.layout.streams, self.seed, self.shuffle_buffer)
+        q = self.layout.per_stream
+        problems, reported = ReadCounters(), asdict(ReadCounters())
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(mine)) as pool:
+            readers = [(StreamReader(self.urls, plan, stream, self.first_position, pool, problems), offsets)
+                       for stream, offsets in mine]
+            for step in itertools.count(self.start_step):
+                images, pixels = buffers.new()
+                labels = np.empty(size, np.int64)
+                keys: list[str] = []
+                for reader, offsets in readers:
+                    piece = reader.take(q)   # every stream moves by q samples a step, read or not
+                    for offset in offsets:
+                        key, label = self._fill(reader, piece, offset, pixels[len(keys)], problems)
+                        labels[len(keys)] = label
+                        keys.append(key)
+                totals = asdict(problems)
+                yield _Chunk(step, worker, images, torch.from_numpy(labels), keys,
+                             {name: value - reported[name] for name, value in totals.items()})
+                reported = totals
+
+    def _fill(self, reader: StreamReader, piece: list[tuple[SampleId, RawSample | None]], offset: int,
+              out: np.ndarray, problems: ReadCounters) -> tuple[str, int]:
+        """Decode the sample at ``offset`` of a stream's piece of a step into ``out``; (key, label).
+
+        A missing or undecodable sample is counted here (the slot belongs to this rank alone) and
+        replaced by the stream's next good sample, which depends on nothing but the stream."""
+        sample_id, raw = piece[offset]
+        if raw is not None and (label := self._decode(reader.stream, sample_id, raw, out)) is not None:
+            return raw.key, label
+        if raw is None:
+            problems.missing_samples += 1
+        else:
+            problems.corrupt_samples += 1
+        limit = sum(self.counts)
+        for next_id, candidate in itertools.islice(itertools.chain(piece[offset + 1:], reader.ahead()), limit):
+            if candidate is not None and (label := self._decode(reader.stream, next_id, candidate, out)) is not None:
+                return candidate.key, label
+        raise RuntimeError(f"stream {reader.stream} has no decodable image in {limit} samples in a row; check the "
+                           f"shards ({self.urls[0]} ...)")
+
+    def _decode(self, stream: int, sample_id: SampleId, raw: RawSample, out: np.ndarray) -> int | None:
+        """Decode, crop and flip ``raw`` into ``out`` (its own seeded crop and flip); its label, or None
+        when it does not decode (it is then marked bad and its bytes dropped)."""
+        if raw.bad:
+            return None
+        try:
+            label = int(raw.label)  # type: ignore[arg-type]
+            epoch, window, position = sample_id
+            rng = np.random.default_rng([self.seed, epoch, stream, window, position, 3])
+            out[:] = random_crop_flip(decode_resized(raw.image, self.image_size, self.draft), self.image_size, rng)  # type: ignore[arg-type]
+        except Exception as err:  # noqa: BLE001 - a bad sample never stops training
+            raw.bad, raw.image = True, None
+            log.warning("sample %s undecodable (%s: %s); its slot takes its stream's next good sample", raw.key,
+                        type(err).__name__, err)
+            return None
+        return label
+
+
+def step_batches(shards: str | Sequence[str], layout: StepLayout, rank: int, *, image_size: int, num_workers: int,
+                 seed: int, shuffle_buffer: int, start_step: int = 0, draft: bool = True, uint8: bool = False,
+                 device: str | torch.device = "cpu") -> StepBatches:
+    """Rank ``rank``'s training micro-batches, ``layout.accumulation`` per step, from ``start_step`` on
+    (endless); the same samples per step whatever the world size and loader workers (module docstring)."""
+    return StepBatches(shards, layout, rank, image_size=image_size, num_workers=num_workers, seed=seed,
+                       shuffle_buffer=shuffle_buffer, start_step=start_step, draft=draft, uint8=uint8, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
-# The stream
+# Evaluation: one pass in shard order
 
 
 class ImageShardStream:
-    """Batches of decoded, augmented images from WebDataset shards (see the module docstring).
-
-    ``train=True``: endless, shuffled, random crop + flip, resumable with ``iter_batches(start_batch)``.
-    ``train=False``: one pass in a fixed order, center crop, the last batch may be short, every sample
-    of the shards exactly once across ``world_size`` ranks.
-    """
+    """Evaluation batches of decoded, center-cropped images from WebDataset shards: one pass in a fixed
+    order, the last batch may be short, every sample of the shards exactly once across the
+    ``world_size`` ranks (each split among ``max(1, num_workers)`` readers)."""
 
     def __init__(self, shards: str | Sequence[str], *, image_size: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, train: bool = True, seed: int = 0,
-                 shuffle_buffer: int = 1000, draft: bool = True, pin_memory: bool | None = None,
+                 world_size: int = 1, num_workers: int = 0, draft: bool = True, pin_memory: bool | None = None,
                  prefetch_factor: int = 2, uint8: bool = False, device: str | torch.device = "cpu") -> None:
-        if image_size < 1 or batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
-            raise ValueError("image_size, batch_size, shuffle_buffer >= 1 and num_workers >= 0 are required")
+        if image_size < 1 or batch_size < 1 or num_workers < 0:
+            raise ValueError("image_size, batch_size >= 1 and num_workers >= 0 are required")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.urls = expand_shard_urls(shards)
         self.image_size, self.batch_size = image_size, batch_size
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.train, self.seed, self.shuffle_buffer, self.draft = train, seed, shuffle_buffer, draft
+        self.rank, self.world_size, self.num_workers, self.draft = rank, world_size, num_workers, draft
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor, self.uint8, self.device = prefetch_factor, uint8, torch.device(device)
         self.streams_per_rank = max(1, num_workers)
         self.num_streams = world_size * self.streams_per_rank
-        self.counts = shard_sample_counts(self.urls) if train else None
-        if train and not sum(self.counts or ()):
-            raise ValueError(f"the shards hold no samples: {self.urls[:3]}{' ...' if len(self.urls) > 3 else ''}")
         self.counters = ReadCounters()
 
-    # --- main process ---------------------------------------------------------------------------
-    def iter_batches(self, start_batch: int = 0) -> Iterator[ImageBatch]:
-        """Rank-local batches from batch ``start_batch`` on (train), or all of this rank's samples (eval)."""
-        if start_batch < 0 or (start_batch and not self.train):
-            raise ValueError("start_batch must be >= 0, and 0 for an eval stream")
-        # Slots per worker: the DataLoader's prefetch depth, the batch being decoded, the one an eval
-        # worker holds back, and one spare.
+    def iter_batches(self) -> Iterator[ImageBatch]:
+        """This rank's batches, once."""
+        # Slots per worker: the DataLoader's prefetch depth, the batch being decoded, the one a worker
+        # holds back, and one spare.
         ring = (_BatchRing(self.num_workers, self.prefetch_factor + 3, self.batch_size, self.image_size)
                 if self.num_workers else None)
         loader = torch.utils.data.DataLoader(
-            _LoaderDataset(self, start_batch, ring), batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.pin_memory and ring is None,
+            _LoaderDataset(functools.partial(self._worker_batches, ring=ring)), batch_size=None,
+            num_workers=self.num_workers, pin_memory=self.pin_memory and ring is None,
             prefetch_factor=self.prefetch_factor if self.num_workers else None)
         for batch, problems in loader:
             if any(problems.values()):
@@ -508,99 +594,22 @@ class ImageShardStream:
                 images = self._deliver(images, copy=False)
             yield batch._replace(images=images)
 
+    def __iter__(self) -> Iterator[ImageBatch]:
+        return self.iter_batches()
+
     def _deliver(self, images: torch.Tensor, copy: bool) -> torch.Tensor:
-        """The consumer's batch from uint8 pixels: as they are, or float NCHW in [0, 1], on ``device``
-        (workers ship uint8, a quarter of the bytes; a GPU converts them itself). ``copy``: the pixels
-        are a ring slot, which the worker reuses as soon as this returns."""
+        """The consumer's batch from uint8 pixels: as they are, or float NCHW in [0, 1], on ``device``.
+        ``copy``: the pixels are a ring slot, which the worker reuses as soon as this returns."""
         if images.device != self.device:
             images, copy = images.to(self.device), False  # a blocking copy: the slot is free after it
         if self.uint8:
             return images.clone() if copy else images
         return to_float_images(images)
 
-    def __iter__(self) -> Iterator[ImageBatch]:
-        return self.iter_batches(0)
-
-    # --- loader workers -------------------------------------------------------------------------
-    def _worker_batches(self, worker: int, start_batch: int, ring: _BatchRing | None
-                        ) -> Iterator[tuple[ImageBatch, dict]]:
+    def _worker_batches(self, worker: int, ring: _BatchRing | None) -> Iterator[tuple[ImageBatch, dict]]:
         storage.register_webdataset_s3()
         buffers = _BatchBuffers(ring, worker, self.batch_size, self.image_size)
-        if not self.train:
-            yield from self._eval_batches(self.rank * self.streams_per_rank + worker, buffers)
-            return
-        w = self.streams_per_rank
-        stream = self.rank * w + (start_batch + worker) % w
-        yield from self._train_batches(stream, (start_batch + worker) // w, buffers)
-
-    def _train_samples(self, plan: _StreamPlan, stream: int, position: int, problems: ReadCounters
-                       ) -> Iterator[tuple[tuple[int, int, int], _Sample | None]]:
-        """(sample id, raw sample) from a stream position on; the next window is read ahead."""
-        epoch, window, offset = plan.locate(stream, position)
-        windows = plan.window_sequence(stream, epoch, window)
-
-        def read(segments: list[_Segment]) -> tuple[list[_Sample | None], ReadCounters]:
-            counters = ReadCounters()
-            samples = [s for seg in segments for s in _read_segment(self.urls[seg.shard], seg, counters)]
-            return samples, counters
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            current = next(windows)
-            pending = pool.submit(read, current[2])
-            while True:
-                epoch, window, _ = current
-                samples, counters = pending.result()
-                problems.add(counters)
-                current = next(windows)
-                pending = pool.submit(read, current[2])
-                order = np.random.default_rng([self.seed, epoch, stream, window, 2]).permutation(len(samples))
-                for p in range(offset, len(samples)):
-                    yield (epoch, window, p), samples[order[p]]
-                offset = 0
-
-    def _train_batches(self, stream: int, first_batch: int, buffers: _BatchBuffers
-                       ) -> Iterator[tuple[ImageBatch, dict]]:
-        plan = _StreamPlan(self.counts or [], self.num_streams, self.seed, self.shuffle_buffer)
-        problems = ReadCounters()
-        samples = self._train_samples(plan, stream, first_batch * self.batch_size, problems)
-        size, batch_size = self.image_size, self.batch_size
-        previous: tuple[np.ndarray, np.ndarray, list[str]] | None = None
-        reported: dict[str, int] = {}
-        while True:
-            images, pixels = buffers.new()
-            labels = np.empty(batch_size, np.int64)
-            keys = [""] * batch_size
-            good = []
-            for b in range(batch_size):
-                (epoch, window, p), sample = next(samples)
-                if sample is None:
-                    continue  # counted as missing when its shard was read
-                try:
-                    labels[b] = int(sample.label)  # type: ignore[arg-type]
-                    rng = np.random.default_rng([self.seed, epoch, stream, window, p, 3])
-                    pixels[b] = random_crop_flip(decode_resized(sample.image, size, self.draft), size, rng)  # type: ignore[arg-type]
-                except Exception as err:  # noqa: BLE001 - a bad sample never stops training
-                    problems.corrupt_samples += 1
-                    log.warning("sample %s undecodable (%s: %s); replaced within its batch", sample.key,
-                                type(err).__name__, err)
-                    continue
-                keys[b] = sample.key
-                good.append(b)
-            if not good:
-                if previous is None:
-                    raise RuntimeError(f"no decodable image in the first batch of stream {stream}; check the shards "
-                                       f"({self.urls[0]} ...)")
-                log.warning("stream %d: a whole batch was unusable; repeating the previous one", stream)
-                pixels[:], labels[:], keys = previous[0], previous[1], list(previous[2])
-            else:
-                for n, b in enumerate(sorted(set(range(batch_size)) - set(good))):
-                    source = good[n % len(good)]
-                    pixels[b], labels[b], keys[b] = pixels[source], labels[source], keys[source]
-            # The previous batch's buffer is not reused before this one is taken (ring order).
-            batch, previous = ImageBatch(images, torch.from_numpy(labels), keys), (pixels, labels, keys)
-            totals = asdict(problems)  # cumulative for this stream; the batch carries the increase
-            yield batch, {name: value - reported.get(name, 0) for name, value in totals.items()}
-            reported = totals
+        yield from self._eval_batches(self.rank * self.streams_per_rank + worker, buffers)
 
     def _eval_batches(self, stream: int, buffers: _BatchBuffers) -> Iterator[tuple[ImageBatch, dict]]:
         """This stream's samples in shard order (shard-level split, or every ``S``-th sample).
@@ -662,34 +671,11 @@ class ImageShardStream:
             log.warning("stream %d yielded no image; its data problems: %s", stream, asdict(problems))
 
 
-class _LoaderDataset(torch.utils.data.IterableDataset):
-    def __init__(self, stream: ImageShardStream, start_batch: int, ring: _BatchRing | None) -> None:
-        self.stream, self.start_batch, self.ring = stream, start_batch, ring
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        return self.stream._worker_batches(info.id if info else 0, self.start_batch, self.ring)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shortcuts
-
-
-def train_batches(shards: str | Sequence[str], *, batch_size: int, image_size: int, rank: int = 0,
-                  world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000, seed: int = 0,
-                  start_batch: int = 0, draft: bool = True, uint8: bool = False,
-                  device: str | torch.device = "cpu") -> Iterator[ImageBatch]:
-    """Endless training batches of this rank from ``start_batch`` on (see :class:`ImageShardStream`)."""
-    stream = ImageShardStream(shards, image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size,
-                              num_workers=num_workers, train=True, seed=seed, shuffle_buffer=shuffle_buffer, draft=draft,
-                              uint8=uint8, device=device)
-    return stream.iter_batches(start_batch)
-
 
 def eval_batches(shards: str | Sequence[str], *, batch_size: int, image_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, draft: bool = True, uint8: bool = False,
                  device: str | torch.device = "cpu") -> Iterator[ImageBatch]:
     """This rank's share of the shards, once, center-cropped, with keys (see :class:`ImageShardStream`)."""
     stream = ImageShardStream(shards, image_size=image_size, batch_size=batch_size, rank=rank, world_size=world_size,
-                              num_workers=num_workers, train=False, draft=draft, uint8=uint8, device=device)
-    return stream.iter_batches(0)
+                              num_workers=num_workers, draft=draft, uint8=uint8, device=device)
+    return stream.iter_batches()

@@ -9,22 +9,34 @@ Layout of a token dataset directory (local or s3://):
                                 plus dataset metadata (num_tokens, codebook_size, tokenizer, image_size,
                                 crop policy, augment, crops, ...) as JSON under schema metadata key b"titok"
 
-The whole dataset fits in memory (ImageNet at 32 tokens is ~82 MB as uint16), so the stream is
-index arithmetic over seeded per-epoch permutations: batch ``b`` of every rank is known without
-reading batches ``0..b-1``, which makes resuming exact and free.
+**Training order.** The whole dataset fits in memory (ImageNet at 32 tokens is ~82 MB as uint16),
+so it is read as one logical stream (``trainer/batch_layout.py`` with ``streams=1``): the run's
+order is the concatenation of seeded per-epoch permutations of the rows (:class:`EpochPermutations`),
+and slot ``i`` of step ``s`` is the sample at position ``s * G + i`` of that order (counted from the
+layout's origin when ``G`` was changed deliberately). Rank ``m`` computes the slots
+``layout.rank_slots(m)``, cut into ``layout.micro_batches(m)``. Hence:
+
+* the rows of every step depend on neither the number of ranks nor the micro-batch size;
+* within an epoch every row is used exactly once, across any sequence of resizes (a step may
+  straddle two epochs when ``N`` is not a multiple of ``G``);
+* any step is index arithmetic, so resuming at step ``k`` is exact and free;
+* a sample's ``position`` identifies it in the run, so per-sample randomness seeded by it (the
+  generator stage's masking) does not depend on where the sample is computed either.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 from cluster import storage
+from trainer.batch_layout import StepLayout
 
 TOKEN_SHARD_PREFIX = "tokens-"
 MANIFEST = "manifest.parquet"
@@ -101,33 +113,44 @@ class EpochPermutations:
         return self._cache[epoch]
 
 
-def sample_indices(permutations: EpochPermutations, batch_size: int, rank: int, world_size: int,
-                   batch_index: int) -> torch.Tensor:
-    """Dataset indices of micro-batch ``batch_index`` on ``rank``.
-
-    The global index stream is the concatenation of per-epoch permutations; micro-batch ``b`` of rank
-    ``r`` is stream positions ``[(b * world + r) * B, ... + B)``. Ranks are disjoint within an epoch,
-    and a batch may straddle two epochs when N is not a multiple of world * B.
-    """
+def dataset_rows(permutations: EpochPermutations, positions: torch.Tensor) -> torch.Tensor:
+    """The dataset rows at ``positions`` (int64) of the run's order, the concatenation of the epochs'
+    permutations."""
     n = permutations.num_samples
-    start = (batch_index * world_size + rank) * batch_size
-    positions = torch.arange(start, start + batch_size)
     epochs = positions // n
-    out = torch.empty(batch_size, dtype=torch.int64)
+    rows = torch.empty_like(positions)
     for epoch in epochs.unique().tolist():
         selected = epochs == epoch
-        out[selected] = permutations(epoch)[positions[selected] % n]
-    return out
+        rows[selected] = permutations(epoch)[positions[selected] % n]
+    return rows
 
 
-def token_batches(root: str, batch_size: int, rank: int, world_size: int, seed: int,
-                  start_batch: int = 0, dataset: TokenDataset | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (tokens LongTensor[B, K], labels LongTensor[B]) micro-batches from ``start_batch`` on."""
-    data = dataset or load_token_dataset(root)
-    permutations = EpochPermutations(len(data), seed)
-    batch_index = start_batch
-    while True:
-        idx = sample_indices(permutations, batch_size, rank, world_size, batch_index)
-        yield data.tokens[idx].long(), data.labels[idx]
-        batch_index += 1
+class TokenBatch(NamedTuple):
+    tokens: torch.Tensor      # int64 [b, K]
+    labels: torch.Tensor      # int64 [b]
+    rows: torch.Tensor        # int64 [b]: dataset row indices
+    positions: torch.Tensor   # int64 [b]: the samples' positions in the run's order (step * G + slot)
+    step: int                 # the optimizer step the micro-batch belongs to
+    micro: int                # its index among the step's micro-batches of this rank
+    padding: bool = False     # a stand-in for an empty micro-batch (one real sample; loss weight 0)
+
+
+def token_step_batches(dataset: TokenDataset, layout: StepLayout, rank: int, seed: int, start_step: int = 0
+                       ) -> Iterator[TokenBatch]:
+    """Rank ``rank``'s micro-batches, ``layout.accumulation`` per step, from ``start_step`` on (endless).
+
+    An empty micro-batch (a world size that does not divide ``G``, with fewer slots than micro-batches)
+    is replaced by a stand-in holding the rank's first sample of the step, ``padding=True``."""
+    if layout.streams != 1:
+        raise ValueError(f"token data is read as one stream; the layout has {layout.streams}")
+    if not 0 <= rank < layout.world_size or start_step < 0:
+        raise ValueError(f"rank must be in [0, {layout.world_size}) and start_step >= 0, got {rank}, {start_step}")
+    permutations = EpochPermutations(len(dataset), seed)
+    first = layout.rank_slots(rank).start
+    micro_batches = [(slots, False) if slots else (range(first, first + 1), True) for slots in layout.micro_batches(rank)]
+    for step in itertools.count(start_step):
+        origin = layout.slot_source(step, 0)[1]   # one stream: slot i of the step is position origin + i
+        for micro, (slots, padding) in enumerate(micro_batches):
+            positions = torch.arange(origin + slots.start, origin + slots.stop, dtype=torch.int64)
+            rows = dataset_rows(permutations, positions)
+            yield TokenBatch(dataset.tokens[rows].long(), dataset.labels[rows], rows, positions, step, micro, padding)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import itertools
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,33 @@ def shards_48(tmp_path_factory) -> Path:
 def manifest_labels(shards: Path, split: str = "train") -> dict[str, int]:
     rows = manifest.read_table(manifest.samples_url(str(shards), split)).to_pylist()
     return {r["key"]: r["label"] for r in rows}
+
+
+def take(iterator, n: int) -> list:
+    return list(itertools.islice(iterator, n))
+
+
+def rewrite_with_garbage(path: Path, victim_indices: list[int]) -> list[str]:
+    """Replace some samples' images by bytes that look like a JPEG but do not decode; their keys."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    jpgs = [m.name for m, _ in members if m.name.endswith(".jpg")]
+    victims = {jpgs[i] for i in victim_indices}
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for member, payload in members:
+            if member.name in victims:
+                payload = b"\xff\xd8\xff\xe0garbage" + bytes(200) + b"\xff\xd9"
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    return [jpgs[i][:-4] for i in victim_indices]
+
+
+def truncate_shard(path: Path, keep: int) -> list[str]:
+    """Cut a shard a few bytes into the first file of sample ``keep``: samples ``0..keep-1`` stay
+    whole, the rest is gone. Returns the kept keys (read with tarfile, independently of the reader)."""
+    with tarfile.open(path) as tar:
+        members = [m for m in tar if m.isfile()]
+    keys = list(dict.fromkeys(m.name.rsplit(".", 1)[0] for m in members))
+    first_of_cut = next(m for m in members if m.name.rsplit(".", 1)[0] == keys[keep])
+    path.write_bytes(path.read_bytes()[: first_of_cut.offset_data + 10])
+    return keys[:keep]

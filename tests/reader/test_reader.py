@@ -16,13 +16,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 from cluster import storage
-from tests.reader.conftest import manifest_labels
+from tests.reader.conftest import manifest_labels, rewrite_with_garbage, take, truncate_shard
 from trainer import data
-from trainer.data import ImageShardStream, _StreamPlan, expand_shard_urls
-
-
-def take(iterator, n):
-    return list(itertools.islice(iterator, n))
+from trainer.batch_layout import StepLayout
+from trainer.data import ImageShardStream, expand_shard_urls, step_batches, to_float_images
+from trainer.image_streams import StreamPlan
 
 
 def shard_files(shards: Path, split: str = "train") -> dict[str, bytes]:
@@ -41,22 +39,29 @@ def resize_reference(image_bytes: bytes, size: int) -> Image.Image:
     return T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)(image)
 
 
+def train_reader(shards, layout=None, rank=0, **kwargs):
+    """A training reader over ``shards``; by default one rank reading a step of 8 in 4 streams."""
+    options = dict(image_size=16, num_workers=0, seed=0, shuffle_buffer=10) | kwargs
+    return step_batches(f"{shards}/train-*.tar", layout or StepLayout(8, 4, 1, 8), rank, **options)
+
+
 def test_batches_follow_the_contract(shards_80):
-    stream = ImageShardStream(f"{shards_80}/train-*.tar", image_size=32, batch_size=8, num_workers=2, seed=0)
     labels = manifest_labels(shards_80)
-    for batch in take(stream.iter_batches(), 6):
-        assert batch.images.shape == (8, 3, 32, 32) and batch.images.dtype == torch.float32
+    layout = StepLayout(global_batch=12, streams=4, world_size=2, micro_batch=4)  # 6 a rank: 3 + 3
+    batches = take(train_reader(shards_80, layout, rank=1, image_size=32, num_workers=2), 6)
+    assert [(b.step, b.micro, b.padding) for b in batches] == [(s, m, False) for s in range(3) for m in range(2)]
+    for batch in batches:
+        assert batch.images.shape == (3, 3, 32, 32) and batch.images.dtype == torch.float32
         assert batch.images.is_contiguous() and 0.0 <= batch.images.min() and batch.images.max() <= 1.0
         assert batch.labels.dtype == torch.int64
         assert batch.labels.tolist() == [labels[k] for k in batch.keys]
-    assert not stream.counters.any()
 
 
 def test_eval_images_equal_torchvision_resize_and_center_crop(shards_80):
     reference = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(36),
                            T.ToTensor()])
     files = shard_files(shards_80, "val")
-    stream = ImageShardStream(f"{shards_80}/val-*.tar", image_size=36, batch_size=5, train=False, draft=False)
+    stream = ImageShardStream(f"{shards_80}/val-*.tar", image_size=36, batch_size=5, draft=False)
     seen = 0
     for batch in stream:
         for key, image in zip(batch.keys, batch.images):
@@ -65,7 +70,7 @@ def test_eval_images_equal_torchvision_resize_and_center_crop(shards_80):
             seen += 1
     assert seen == len(files) == 16
     # The draft() fast path decodes big JPEGs at a reduced DCT scale first: close, not identical.
-    drafted = ImageShardStream(f"{shards_80}/val-*.tar", image_size=36, batch_size=16, train=False, draft=True)
+    drafted = ImageShardStream(f"{shards_80}/val-*.tar", image_size=36, batch_size=16, draft=True)
     batch = next(iter(drafted))
     expected = torch.stack([reference(Image.open(io.BytesIO(files[k])).convert("RGB")) for k in batch.keys])
     assert (batch.images - expected).abs().mean() < 0.03
@@ -73,9 +78,9 @@ def test_eval_images_equal_torchvision_resize_and_center_crop(shards_80):
 
 def test_train_images_are_random_crops_and_flips_of_the_resized_image(shards_80):
     files = shard_files(shards_80)
-    stream = ImageShardStream(f"{shards_80}/train-*.tar", image_size=32, batch_size=8, seed=4, draft=False)
+    batches = take(train_reader(shards_80, image_size=32, seed=4, draft=False), 3)
     flips, offsets = [], set()
-    for batch in take(stream.iter_batches(), 3):
+    for batch in batches:
         for key, image in zip(batch.keys, batch.images):
             pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
             resized = np.asarray(resize_reference(files[key], 32))
@@ -96,101 +101,37 @@ def test_eval_reads_every_sample_exactly_once_across_2_ranks_x_2_workers(fixture
     keys = []
     for rank in range(2):
         stream = ImageShardStream(f"{shards}/train-*.tar", image_size=16, batch_size=7, rank=rank, world_size=2,
-                                  num_workers=2, train=False)
+                                  num_workers=2)
         for batch in stream:
             assert batch.labels.tolist() == [labels[k] for k in batch.keys]
             keys.extend(batch.keys)
     assert sorted(keys) == sorted(labels)
 
 
-@pytest.mark.parametrize("fixture, per_stream", [("shards_80", 20), ("shards_48", 12)])
-def test_train_epochs_are_disjoint_and_complete_across_2_ranks_x_2_workers(fixture, per_stream, request):
-    """80 samples in 8 shards: 2 shards per stream; 48 in 2 shards (fewer than 4 streams): every 4th sample."""
-    shards = request.getfixturevalue(fixture)
-    batch_size, workers = 4, 2
-    per_rank_epoch = workers * per_stream // batch_size
-    epochs: list[list[str]] = [[], []]
-    for rank in range(2):
-        stream = ImageShardStream(f"{shards}/train-*.tar", image_size=16, batch_size=batch_size, rank=rank, world_size=2,
-                                  num_workers=workers, seed=3, shuffle_buffer=8)
-        batches = take(stream.iter_batches(), 2 * per_rank_epoch)
-        for e in range(2):
-            epochs[e].extend(k for b in batches[e * per_rank_epoch:(e + 1) * per_rank_epoch] for k in b.keys)
-    everything = sorted(manifest_labels(shards))
-    assert sorted(epochs[0]) == everything and sorted(epochs[1]) == everything
-    assert epochs[0] != epochs[1]  # the second epoch is reshuffled
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resuming_at_any_batch_reproduces_the_uninterrupted_batches(shards_80, workers):
-    def stream():
-        return ImageShardStream(f"{shards_80}/train-*.tar", image_size=24, batch_size=8, num_workers=workers, seed=9,
-                                shuffle_buffer=15)
-
-    full = take(stream().iter_batches(0), 13)  # crosses epoch boundaries (40 or 80 samples per stream)
-    for start in (3, 10):
-        resumed = take(stream().iter_batches(start), 13 - start)
-        for a, b in zip(full[start:], resumed):
-            assert a.keys == b.keys and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
-    other_seed = ImageShardStream(f"{shards_80}/train-*.tar", image_size=24, batch_size=8, seed=10, shuffle_buffer=15)
-    assert take(other_seed.iter_batches(), 1)[0].keys != full[0].keys
-
-
-def test_resume_decodes_only_the_images_it_yields(shards_80, monkeypatch):
-    calls = []
-    real = data.decode_resized
-    monkeypatch.setattr(data, "decode_resized", lambda *a, **k: calls.append(1) or real(*a, **k))
-    stream = ImageShardStream(f"{shards_80}/train-*.tar", image_size=24, batch_size=8, seed=9, shuffle_buffer=15)
-    take(stream.iter_batches(25), 2)  # 25 batches = 200 samples in: two and a half epochs skipped
-    assert len(calls) == 16
-
-
-def _rewrite_with_garbage(path: Path, victim_index: int) -> str:
-    """Replace one sample's image by bytes that look like a JPEG but do not decode."""
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    jpgs = [m.name for m, _ in members if m.name.endswith(".jpg")]
-    victim = jpgs[victim_index]
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for member, payload in members:
-            if member.name == victim:
-                payload = b"\xff\xd8\xff\xe0garbage" + bytes(200) + b"\xff\xd9"
-                member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
-    return victim[:-4]
-
-
-def test_corrupt_samples_and_truncated_shards_are_counted_and_skipped(shards_80, tmp_path):
+def test_eval_skips_and_counts_corrupt_samples_and_truncated_shards(shards_80, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(shards_80, shards)
-    bad_key = _rewrite_with_garbage(shards / "train-000000.tar", 3)
-    truncated = shards / "train-000001.tar"
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    bad_key = rewrite_with_garbage(shards / "train-000000.tar", [3])[0]
+    readable = len(truncate_shard(shards / "train-000001.tar", keep=4))
 
-    stream = ImageShardStream(f"{shards}/train-*.tar", image_size=16, batch_size=8, seed=1, shuffle_buffer=10)
-    batches = take(stream.iter_batches(), 10)  # one epoch: 80 sample slots
-    assert all(b.images.shape[0] == 8 for b in batches)
-    assert bad_key not in {k for b in batches for k in b.keys}
-    counters = stream.counters
-    assert counters.corrupt_samples == 1 and counters.truncated_shards == 1 and 0 < counters.missing_samples < 10
-
-    evaluation = ImageShardStream(f"{shards}/train-*.tar", image_size=16, batch_size=8, train=False, num_workers=2)
+    evaluation = ImageShardStream(f"{shards}/train-*.tar", image_size=16, batch_size=8, num_workers=2)
     keys = [k for b in evaluation for k in b.keys]
-    assert len(keys) == len(set(keys)) == 80 - 1 - counters.missing_samples and bad_key not in keys
+    assert len(keys) == len(set(keys)) == 80 - 1 - (10 - readable) and bad_key not in keys
     assert evaluation.counters.corrupt_samples == 1 and evaluation.counters.truncated_shards == 1
 
 
 def test_reads_the_same_data_from_s3(shards_80, s3_bucket):
     remote = f"{s3_bucket}/imagenet"
     storage.upload_dir(shards_80, remote)
-    local_eval = [b.keys for b in ImageShardStream(f"{shards_80}/val-*.tar", image_size=16, batch_size=4, train=False)]
+    local_eval = [b.keys for b in ImageShardStream(f"{shards_80}/val-*.tar", image_size=16, batch_size=4)]
     remote_eval = [b.keys for b in ImageShardStream(f"{remote}/val-{{000000..000001}}.tar", image_size=16,
-                                                    batch_size=4, train=False, num_workers=2)]
+                                                    batch_size=4, num_workers=2)]
     assert sorted(k for ks in remote_eval for k in ks) == sorted(k for ks in local_eval for k in ks)
-    local = take(ImageShardStream(f"{shards_80}/train-*.tar", image_size=16, batch_size=8).iter_batches(4), 2)
-    remote_train = ImageShardStream(f"{remote}/train-*.tar", image_size=16, batch_size=8)
+    layout = StepLayout(8, 4, 2, 4)
+    local = take(train_reader(shards_80, layout, rank=1, start_step=4), 2)
+    remote_train = train_reader(remote, layout, rank=1, start_step=4)
     assert remote_train.counts == [10] * 8  # from the manifest on S3
-    for a, b in zip(local, take(remote_train.iter_batches(4), 2)):
+    for a, b in zip(local, take(remote_train, 2)):
         assert a.keys == b.keys and torch.equal(a.images, b.images)
 
 
@@ -222,26 +163,29 @@ def test_batch_ring_worker_waits_until_the_main_process_took_the_slot():
 
 
 def test_held_batches_stay_intact_while_workers_reuse_their_slots(shards_80):
-    """Every batch is copied out of its ring slot: 30 batches kept (6 times the slots per worker) equal
-    the same batches taken one at a time and dropped, in both output forms."""
+    """Every micro-batch is copied out of the ring: 45 kept (15 steps, 3 times the slots per worker)
+    equal the same micro-batches taken one at a time and dropped, in both output forms. With 3
+    micro-batches of a step of 8 over 4 streams, micro-batch 1 gathers chunks of both workers."""
+    layout = StepLayout(8, 4, 1, 3)
+
     def batches(uint8: bool, keep: bool):
-        stream = ImageShardStream(f"{shards_80}/train-*.tar", image_size=16, batch_size=4, num_workers=2, seed=2,
-                                  shuffle_buffer=10, uint8=uint8)
         out = []
-        for batch in take(stream.iter_batches(), 30):
+        for batch in take(train_reader(shards_80, layout, num_workers=2, seed=2, uint8=uint8), 45):
             out.append(batch if keep else batch._replace(images=batch.images.clone()))
         return out
 
+    kept = {}
     for uint8 in (True, False):
-        kept, cloned = batches(uint8, keep=True), batches(uint8, keep=False)
-        assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(kept, cloned))
-        assert kept[0].images.dtype == (torch.uint8 if uint8 else torch.float32)
+        kept[uint8], cloned = batches(uint8, keep=True), batches(uint8, keep=False)
+        assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(kept[uint8], cloned))
+        assert kept[uint8][0].images.dtype == (torch.uint8 if uint8 else torch.float32)
+    assert all(torch.equal(to_float_images(a.images), b.images) for a, b in zip(kept[True], kept[False]))
 
 
 @pytest.mark.parametrize("streams", [3, 10])
 def test_stream_plan_partitions_every_epoch(streams):
     counts = np.random.default_rng(streams).integers(0, 13, size=7).tolist()
-    plan = _StreamPlan(counts, streams, seed=2, window=5)
+    plan = StreamPlan(counts, streams, seed=2, window=5)
     for epoch in range(3):
         taken = [(seg.shard, i) for j in range(streams) for w in plan.windows(epoch, j) for seg in w
                  for i in (seg.keep if seg.keep is not None else range(seg.count))]
