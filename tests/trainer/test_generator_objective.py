@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from trainer.batch_layout import StepLayout
 from trainer.stages.generator import batch_generator, cosine_mask_ratio, masked_token_loss, random_masking
-from trainer.token_data import EpochPermutations, load_token_dataset, sample_indices, token_batches
+from trainer.token_data import load_token_dataset, token_step_batches
 
 
 def test_cosine_schedule() -> None:
@@ -75,19 +76,11 @@ def test_token_dataset_and_stream(tmp_path: Path) -> None:
     data = load_token_dataset(str(tmp_path / "tok"))
     assert data.tokens.shape == (10, 4) and data.keys[3] == "img0003" and data.labels.tolist()[:4] == [0, 1, 2, 0]
     assert data.tokens[7].tolist() == [28, 29, 30, 31]
-    perms = EpochPermutations(10, seed=3)
-    # Two ranks x batch 2: within an epoch of 10 samples, batches 0-1 of both ranks are disjoint.
-    seen = torch.cat([sample_indices(perms, 2, r, 2, b) for b in range(2) for r in range(2)])
-    assert len(set(seen.tolist())) == 8
-    # Batch 2 straddles epochs 0 and 1: its first part completes epoch 0's permutation.
-    straddle = sample_indices(perms, 2, 0, 2, 2)
-    assert straddle[0].item() in set(range(10)) - set(seen.tolist())
-    # Resuming at batch 3 yields what the uninterrupted stream yields there.
-    full = token_batches("", 2, 1, 2, seed=3, dataset=data)
-    uninterrupted = [next(full) for _ in range(6)]
-    resumed = token_batches("", 2, 1, 2, seed=3, start_batch=3, dataset=data)
-    for expected in uninterrupted[3:]:
-        got = next(resumed)
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # The loaded rows feed the step order (its properties: tests/trainer/test_token_order.py).
+    batches = token_step_batches(data, StepLayout(global_batch=4, streams=1, world_size=2, micro_batch=2), 1, seed=3)
+    seen = [next(batches) for _ in range(3)]   # steps 0-2 of rank 1: positions 2-3, 6-7, 10-11
+    assert [b.positions.tolist() for b in seen] == [[2, 3], [6, 7], [10, 11]]
+    for batch in seen:
+        assert torch.equal(batch.tokens, data.tokens[batch.rows].long()) and torch.equal(batch.labels, data.labels[batch.rows])
     with pytest.raises(FileNotFoundError, match="pretokenize"):
         load_token_dataset(str(tmp_path / "missing"))
