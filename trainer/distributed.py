@@ -63,8 +63,12 @@ def input_dtype(ds: DeepSpeedConfig) -> torch.dtype:
     return compute_dtype(ds)
 
 
-def deepspeed_config(cfg: TrainConfigBase, optim: OptimConfig | None = None) -> dict:
-    """The DeepSpeed config dict for one engine (the ZeRO config is built here and only here)."""
+def deepspeed_config(cfg: TrainConfigBase, optim: OptimConfig | None = None, accumulation: int = 1) -> dict:
+    """The DeepSpeed config dict for one engine (the ZeRO config is built here and only here).
+
+    ``accumulation`` is the number of micro-batches per optimizer step on this worker group
+    (``trainer.batch_layout.StepLayout.accumulation``): it follows the worker count, the global batch
+    does not. Without ZeRO the optimizer is passed in by :func:`build_engine`, not named here."""
     ds, tr = cfg.deepspeed, cfg.trainer
     optim = optim or cfg.optim
     use_gpu = tr.use_gpu
@@ -86,7 +90,7 @@ def deepspeed_config(cfg: TrainConfigBase, optim: OptimConfig | None = None) -> 
             zero["stage3_gather_16bit_weights_on_model_save"] = False
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tr.batch_size_per_worker,
-        "gradient_accumulation_steps": tr.grad_accum_steps,
+        "gradient_accumulation_steps": accumulation,
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
@@ -110,9 +114,12 @@ def deepspeed_config(cfg: TrainConfigBase, optim: OptimConfig | None = None) -> 
             # fp32 parameters, low-precision matmuls/convs: the authors' (accelerate) mixed precision.
             config["torch_autocast"] = {"enabled": True, "dtype": str(compute_dtype(ds)).replace("torch.", "")}
         elif ds.precision == Precision.bf16:
-            config["bf16"] = {"enabled": True}
+            # A step whose gradients are not finite is skipped (as fp16's loss scaler does), not applied.
+            config["bf16"] = {"enabled": True, "check_grad_overflow": True}
         else:
             config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if ds.zero_stage == 0:
+        del config["optimizer"]  # build_engine passes a SkipNonFiniteAdamW with the same settings
     return config
 
 
@@ -157,15 +164,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite, and says so in ``overflow``.
+
+    DeepSpeed's ZeRO and bf16 optimizers skip such steps themselves (``overflow``); without ZeRO the
+    engine steps a plain torch optimizer, so this one does the same. The engine reads ``overflow`` to
+    count the step as skipped and to leave the LR schedule where it is. Gradients are all-reduced
+    before the step, so every rank takes the same decision."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfigBase, optim: OptimConfig | None = None,
-                 groups: Iterable[dict] | None = None):
+                 groups: Iterable[dict] | None = None, accumulation: int = 1):
     """Wrap a model in a DeepSpeed engine with its optimizer and LR schedule."""
     import deepspeed
 
     optim = optim or cfg.optim
     groups = list(groups) if groups is not None else param_groups(model, optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                           config=deepspeed_config(cfg, optim),
+    config = deepspeed_config(cfg, optim, accumulation)
+    optimizer = None
+    if cfg.deepspeed.zero_stage == 0:
+        fused = bool(optim.fused and cfg.trainer.use_gpu)
+        optimizer = SkipNonFiniteAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                       weight_decay=optim.weight_decay, fused=fused or None)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
+                                           optimizer=optimizer, config=config,
                                            lr_scheduler=lr_scheduler_factory(optim, cfg.trainer.max_steps))
     return engine
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainer.engine_state import StateView, zero3_partition
+
 
 def _local_view(param: torch.nn.Parameter) -> torch.Tensor:
     """The values this rank holds: its ZeRO-3 partition, or the whole parameter."""
@@ -43,19 +45,20 @@ class ParamEMA:
                 self.shadow[name].lerp_(_local_view(param).float(), 1.0 - decay)
         self.num_updates += 1
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's shadow (a slice under ZeRO-3), plus the update count."""
-        return {**{f"shadow.{k}": v for k, v in self.shadow.items()},
-                "num_updates": torch.tensor(self.num_updates, dtype=torch.int64)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self.names:
-            saved = state[f"shadow.{name}"]
-            if saved.shape != self.shadow[name].shape:
-                raise ValueError(f"EMA shape mismatch for {name}: {tuple(saved.shape)} vs "
-                                 f"{tuple(self.shadow[name].shape)} (resumed with a different world size?)")
-            self.shadow[name].copy_(saved)
-        self.num_updates = int(state["num_updates"])
+    def views(self, module: torch.nn.Module, rank: int) -> list[StateView]:
+        """The shadow as checkpoint views (key ``ema``), sharded exactly like the parameters: a ZeRO-3
+        rank holds and writes its partition's slice; otherwise rank 0 writes the whole shadow and
+        every rank reads it whole (see ``trainer/engine_state.py``)."""
+        out = []
+        for name, param in module.named_parameters():
+            shadow = self.shadow[name].view(-1)
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            if hasattr(param, "ds_tensor"):
+                offset, valid = zero3_partition(param)
+                out.append(StateView(name, "ema", offset, shadow[:valid], True, shape))
+            else:
+                out.append(StateView(name, "ema", 0, shadow, rank == 0, shape))
+        return out
 
     def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Full fp32 EMA weights (plus buffers) in the module's state_dict layout, on every rank.
