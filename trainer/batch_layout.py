@@ -6,10 +6,11 @@ of **logical streams** ``L`` (a divisor of ``G``) and the seed.
 
 * A *stream* is a sequence of samples that depends only on (data, ``L``, seed, stream index). For
   image shards, stream ``l`` reads the shards ``perm_e[l::L]`` of epoch ``e`` whole and in order,
-  shuffled within windows (``trainer/data.py``); for token shards, which fit in memory, there is one
+  shuffled within windows (``trainer/image_streams.py``); for token shards, which fit in memory, there is one
   stream, a seeded permutation per epoch (``trainer/token_data.py``).
 * Step ``s`` takes ``q = G / L`` consecutive samples of every stream, stream-major: global slot
-  ``i`` in ``[0, G)`` of step ``s`` is sample ``s * q + i % q`` of stream ``i // q``.
+  ``i`` in ``[0, G)`` of step ``s`` is sample ``s * q + i % q`` of stream ``i // q``
+  (:meth:`StepLayout.stream_position`; a deliberate change of ``G`` moves the origin).
 * With ``M`` workers, rank ``m`` computes the contiguous slots ``[m G / M, (m + 1) G / M)`` (rounded
   down) and cuts them into ``A`` contiguous micro-batches of at most ``B`` samples, ``A`` being the
   same on every rank so that DeepSpeed's accumulation windows line up.
@@ -58,6 +59,10 @@ class StepLayout:
     streams: int           # L: logical streams, fixed for the run, divides G
     world_size: int        # M: workers computing the step now
     micro_batch: int       # B: the most samples a worker feeds its model at once
+    # Where the streams stood when G last changed (a deliberate change, trainer.allow_global_batch_change):
+    # from step ``origin_step`` on, each stream advances q = G / L samples per step from ``origin_position``.
+    origin_step: int = 0
+    origin_position: int = 0
 
     def __post_init__(self) -> None:
         if min(self.global_batch, self.streams, self.world_size, self.micro_batch) < 1:
@@ -73,10 +78,16 @@ class StepLayout:
         """q: samples every stream gives to each step."""
         return self.global_batch // self.streams
 
+    def stream_position(self, step: int, offset: int = 0) -> int:
+        """Position in every stream of the sample at ``offset`` (< q) of step ``step``."""
+        if step < self.origin_step:
+            raise ValueError(f"step {step} precedes this layout's origin step {self.origin_step}")
+        return self.origin_position + (step - self.origin_step) * self.per_stream + offset
+
     def slot_source(self, step: int, slot: int) -> tuple[int, int]:
         """(stream, position in that stream) of global slot ``slot`` of step ``step``."""
         q = self.per_stream
-        return slot // q, step * q + slot % q
+        return slot // q, self.stream_position(step, slot % q)
 
     # --- one rank's share -------------------------------------------------------------------------
     def rank_slots(self, rank: int) -> range:

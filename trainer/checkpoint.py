@@ -3,11 +3,13 @@
     <run_dir>/config.yaml                      resolved config of the run (secrets masked)
     <run_dir>/mlflow_run.json                  the MLflow run every attempt of this run logs to
     <run_dir>/checkpoints/step_<9 digits>/     train state, managed by Ray Train (keep last K)
-        model/, discriminator/                 DeepSpeed engine checkpoints (optimizer, scheduler)
-        ema/rank<r>.safetensors                EMA shadow (one file per rank under ZeRO-3)
+        model/, discriminator/                 engine state in a world-size-free layout (engine_state.py):
+            rank<r>.safetensors                this rank's fragments: fp32 weights, Adam moments, EMA
+            engine.json                        Adam step, LR schedule, engine counters (rank 0)
+        ema.json                               EMA update count
         rng/rank<r>.pt                         RNG states (dropout etc.) for an exact resume
         stage_state.safetensors                stage extras (e.g. LeCam EMA of the discriminator)
-        train_state.json                       step, data position, counters
+        train_state.json                       step (= data position), global batch, streams, counters
         COMPLETE                               written last, after every rank's files are stored
     <run_dir>/exports/step_<9 digits>/         EMA weights in the authors' hub format
         config.json, model.safetensors, meta.json, COMPLETE
@@ -21,7 +23,7 @@ import io
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +50,48 @@ def parse_step(name: str) -> int | None:
 
 @dataclass
 class TrainState:
-    """What the loop needs besides engines to continue exactly where it stopped."""
+    """What the loop needs besides engines to continue exactly where it stopped.
 
-    step: int = 0                  # optimizer steps taken
-    micro_batches: int = 0         # micro-batches consumed: the data position
+    The data position is ``step`` itself: step ``s`` reads the same samples on any number of workers
+    (``trainer/batch_layout.py``), given the run's ``global_batch_size`` and ``streams``."""
+
+    step: int = 0                  # optimizer steps taken (skipped non-finite ones included)
     samples_seen: int = 0          # global, all ranks
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     resumed_from: int | None = None
     gpu_seconds: float = 0.0       # accumulated accelerator time of all workers
+    world_size: int | None = None  # workers that wrote the checkpoint (informational: any count resumes)
+    global_batch_size: int | None = None
+    streams: int | None = None
+    # Stream position at ``data_origin_step`` (moves only when the global batch is changed deliberately).
+    data_origin_step: int = 0
+    data_origin_position: int = 0
+    restore_seconds: float | None = field(default=None, metadata={"transient": True})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("transient")}
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
         data = json.loads(text)
+        if "global_batch_size" not in data:
+            raise ValueError("the checkpoint predates resizable checkpoints (no global batch size recorded); "
+                             "start a new run (output_dir) or use an older version of this code to finish it")
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def check_resumable(state: TrainState, cfg: Any, where: str) -> None:
+    """Refuse a checkpoint whose run invariants differ from the config (the driver checks the run's
+    config first; this guards a checkpoint handed over by other means)."""
+    tr = cfg.trainer
+    if state.global_batch_size != tr.global_batch_size and not tr.allow_global_batch_change:
+        raise ValueError(f"checkpoint {where} has global batch {state.global_batch_size}, the run "
+                         f"{tr.global_batch_size} (set trainer.allow_global_batch_change=true to change it)")
+    if state.streams != cfg.data.streams:
+        raise ValueError(f"checkpoint {where} reads its data in {state.streams} streams, the config says "
+                         f"{cfg.data.streams}: the data order would change")
 
 
 @dataclass

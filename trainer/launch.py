@@ -32,9 +32,20 @@ def launch(cfg: TrainConfigBase) -> int:
     from trainer import tracking
     from trainer.loop import train_worker
 
+    from trainer.config import EXIT_CONFIG_ERROR, ConfigError
+    from trainer.resume import previous_run_config, resolve_run
+
     apply_service_env()
     cfg.output_dir = absolute_run_dir(cfg)
     run_dir = cfg.output_dir
+    # The run's invariants, global batch and worker count are checked before anything is written.
+    try:
+        notices = resolve_run(cfg, previous_run_config(run_dir))
+    except ConfigError as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    for notice in notices:
+        print(f"note: {notice}", flush=True)
     storage.ensure_bucket(run_dir)
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
 
@@ -50,17 +61,25 @@ def launch(cfg: TrainConfigBase) -> int:
     fs, path = storage.pyarrow_filesystem(run_dir)
     tr = cfg.trainer
     resources = {"CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}
+    if tr.elastic:
+        scaling = ScalingConfig(num_workers=(tr.min_workers, tr.max_workers), use_gpu=tr.use_gpu,
+                                resources_per_worker=resources,
+                                elastic_resize_monitor_interval_s=tr.elastic_resize_interval_s)
+    else:
+        scaling = ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker=resources)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg, "mlflow": run_ref},
-        scaling_config=ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if tr.use_gpu else "gloo"),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=path,
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=tr.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=tr.max_failures),
+            # A lost node is a worker-group failure: an elastic group retries on what is left.
+            # Preemptions (drain notices) have their own, unlimited, budget (max_preemption_failures).
+            failure_config=FailureConfig(max_failures=tr.effective_max_failures),
         ),
     )
     started = time.time()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from trainer.config import ConfigError
 from trainer.losses.config import DiscriminatorConfig, PixelLossConfig
@@ -46,10 +46,17 @@ class DataConfig:
     image_size: int = 256
     loader_workers: int = 2
     shuffle_buffer: int = 1000
+    # Logical streams the training images are read in (trainer/batch_layout.py): fixed when a run
+    # starts, so that the samples of every step do not depend on the worker count. null: a new run
+    # takes the largest divisor of the global batch that is at most workers x loader workers; a
+    # resumed run keeps its own.
+    streams: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.loader_workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError("data", "image_size > 0, loader_workers >= 0, shuffle_buffer >= 1 are required")
+        if self.streams is not None and self.streams < 1:
+            raise ConfigError("data.streams", f"must be >= 1 or null, got {self.streams}")
 
 
 @dataclass
@@ -57,30 +64,84 @@ class TrainerConfig:
     max_steps: int = 1000               # length of the run (and of the LR schedule)
     # Stop early at this step with a checkpoint (time-limited allocations); re-run without it to go on.
     stop_at_step: Optional[int] = None
-    num_workers: int = 1                 # Ray Train workers (one per GPU on a cluster)
+    # Ray Train workers (one per GPU on a cluster): a count, or [min, max] for an elastic group that
+    # shrinks when nodes are lost and grows back when they return (Ray Train's elastic mode).
+    num_workers: Any = 1
     use_gpu: bool = False
-    batch_size_per_worker: int = 32      # micro-batch per worker per step (before accumulation)
+    # Samples per optimizer step, an invariant of the run (every resume keeps it, whatever the worker
+    # count). null: a new run takes max workers x batch_size_per_worker; a resumed run keeps its own.
+    global_batch_size: Optional[int] = None
+    # Resuming with another global_batch_size is refused unless this is set (a deliberate change).
+    allow_global_batch_change: bool = False
+    # The most samples a worker feeds its model at once; gradient accumulation makes up the rest of its
+    # share of the global batch (recomputed at every start, so it follows the worker count).
+    batch_size_per_worker: int = 32
     cpus_per_worker: float = 1.0
-    grad_accum_steps: int = 1
     grad_clip: float = 1.0               # 0 disables clipping
     log_every: int = 50
     image_log_every: int = 1000          # input/reconstruction grid to MLflow (0 disables)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
-    max_failures: int = 0                # worker-group restarts from the last checkpoint
+    # Worker-group restarts from the last checkpoint after a failure (a crashed worker, a lost node).
+    # null: 0 for a fixed group, 10 for an elastic one (which exists to survive lost nodes); -1: no limit.
+    max_failures: Optional[int] = None
     max_nonfinite_steps: int = 10        # abort after this many non-finite losses in a row
     activation_checkpointing: bool = False
     compile: bool = False                # torch.compile the model (GPU)
     ema_decay: Optional[float] = 0.999   # null disables the EMA; exports then hold the raw weights
     export_every: Optional[int] = None   # default: with every checkpoint
+    # Elastic mode: how often Ray Train looks for capacity to grow the group back (seconds).
+    elastic_resize_interval_s: float = 60.0
+    # Ask Ray every N steps whether a node of the run is being preempted (a barrier of all workers);
+    # on a drain notice the workers checkpoint at the next step boundary and wait to be restarted.
+    preemption_check_every: int = 1
+    # Append each step's sample keys to <output_dir>/sample_keys/ (local run dirs; for audits and tests).
+    record_sample_keys: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "num_workers", "batch_size_per_worker", "grad_accum_steps", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+        for name in ("max_steps", "batch_size_per_worker", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "max_nonfinite_steps", "preemption_check_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}", f"must be >= 1, got {getattr(self, name)}")
+        self.num_workers = _worker_count(self.num_workers)
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError("trainer.global_batch_size", f"must be >= 1 or null, got {self.global_batch_size}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("trainer.ema_decay", f"must be in [0, 1) or null, got {self.ema_decay}")
+        if self.elastic_resize_interval_s < 0:
+            raise ConfigError("trainer.elastic_resize_interval_s", f"must be >= 0, got {self.elastic_resize_interval_s}")
+
+    @property
+    def effective_max_failures(self) -> int:
+        if self.max_failures is not None:
+            return self.max_failures
+        return 10 if self.elastic else 0
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if self.elastic else self.num_workers
+
+
+def _worker_count(value: Any) -> int | list[int]:
+    """``trainer.num_workers``: a count >= 1, or ``[min, max]`` with 1 <= min <= max (elastic)."""
+    from omegaconf import ListConfig
+
+    if isinstance(value, (list, tuple, ListConfig)):
+        values = list(value)
+        if (len(values) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+                and 1 <= values[0] <= values[1]):
+            return values if values[0] < values[1] else values[0]
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError("trainer.num_workers", f"must be a count >= 1 or [min, max] with 1 <= min <= max, got {value!r}")
 
 
 @dataclass
@@ -120,6 +181,12 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.zero_stage", f"{self.zero_stage!r} is not a valid choice; valid: 0, 1, 2, 3")
         if self.offload_param and self.zero_stage != 3:
             raise ConfigError("deepspeed.offload_param", "needs deepspeed.zero_stage=3")
+        if self.precision != Precision.fp32 and not self.autocast and self.zero_stage == 0:
+            # Without ZeRO, DeepSpeed's 16-bit optimizer wrappers keep fp32 master weights that resizable
+            # checkpoints cannot address; ZeRO 1-3 keep them in a form they can (and ZeRO-1 costs nothing
+            # on one worker).
+            raise ConfigError("deepspeed.autocast", f"false (16-bit parameters) with deepspeed.precision="
+                                                    f"{self.precision.value} needs deepspeed.zero_stage >= 1")
 
 
 @dataclass

@@ -82,7 +82,11 @@ def test_non_finite_losses_are_skipped_then_abort_with_the_last_good_checkpoint(
     assert skipped[:3] == ["1", "2", "3"], text[-5000:]
     match = re.search(r"3 non-finite losses in a row at step (\d+); aborting\. Last good checkpoint: (\S+) ", text)
     assert match, text[-5000:]
+    # Skipped steps change no weight and write no checkpoint: the last good one precedes the streak.
+    first_skipped = int(re.search(r"non-finite loss at step (\d+) ", text).group(1))
+    assert int(match.group(1)) == first_skipped + 2
     last_good = match.group(2)
-    assert last_good.endswith(f"step_{int(match.group(1)):09d}") and Path(last_good, "COMPLETE").exists()
+    assert last_good.endswith(f"step_{first_skipped - 1:09d}") and Path(last_good, "COMPLETE").exists()
+    assert not (run_dir / "checkpoints" / f"step_{first_skipped:09d}").exists()
     # The driver ends with the root cause on one line, not only Ray's wrapped traceback.
     assert re.search(r"^training failed: trainer\.loop\.NonFiniteLossError: 3 non-finite losses", text, re.M)

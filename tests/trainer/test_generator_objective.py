@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer.batch_layout import StepLayout
-from trainer.stages.generator import batch_generator, cosine_mask_ratio, masked_token_loss, random_masking
+from trainer.stages.generator import cosine_mask_ratio, masked_token_loss, random_masking, sample_generators
 from trainer.token_data import load_token_dataset, token_step_batches
 
 
@@ -24,20 +24,25 @@ def test_cosine_schedule() -> None:
 
 def test_random_masking_counts_and_determinism() -> None:
     tokens = torch.randint(0, 100, (64, 32))
-    masked, mask = random_masking(tokens, mask_id=100, generator=batch_generator(0, 1, 5))
-    # Recompute the counts from the same draws, independently of the implementation.
-    g = batch_generator(0, 1, 5)
-    ratio = (torch.arccos(torch.rand(64, generator=g)) / (math.pi / 2)).clamp(1e-6, 1)
+    positions = torch.arange(500, 564)
+    masked, mask = random_masking(tokens, mask_id=100, generators=sample_generators(0, positions))
+    # Recompute the counts from the same draws, independently of the implementation: row i's first
+    # draw from its own generator is its mask ratio.
+    ratio = torch.stack([torch.rand(1, generator=g) for g in sample_generators(0, positions)]).view(-1)
+    ratio = (torch.arccos(ratio) / (math.pi / 2)).clamp(1e-6, 1)
     expected_counts = torch.clamp(torch.round(32 * ratio), min=1)
     assert torch.equal(mask.sum(1), expected_counts.long())
     assert torch.equal(masked[mask], torch.full((int(mask.sum()),), 100))
     assert torch.equal(masked[~mask], tokens[~mask])
-    again, again_mask = random_masking(tokens, 100, batch_generator(0, 1, 5))
+    again, again_mask = random_masking(tokens, 100, sample_generators(0, positions))
     assert torch.equal(again, masked) and torch.equal(again_mask, mask)
-    other, _ = random_masking(tokens, 100, batch_generator(0, 1, 6))
+    other, _ = random_masking(tokens, 100, sample_generators(0, positions + 64))
     assert not torch.equal(other, masked)
+    # A row's mask depends on its position only, not on the rows batched with it.
+    alone, alone_mask = random_masking(tokens[10:11], 100, sample_generators(0, positions[10:11]))
+    assert torch.equal(alone_mask[0], mask[10]) and torch.equal(alone[0], masked[10])
     # On average the schedule masks E[arccos(t)] / (pi/2) = 1 / (pi/2) = 2/pi of the tokens.
-    many = random_masking(torch.zeros(4000, 32, dtype=torch.long), 1, batch_generator(1, 0, 0))[1]
+    many = random_masking(torch.zeros(4000, 32, dtype=torch.long), 1, sample_generators(1, torch.arange(4000)))[1]
     assert many.float().mean().item() == pytest.approx(2 / math.pi, abs=0.02)
 
 

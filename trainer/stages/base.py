@@ -14,7 +14,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from trainer.distributed import WorkerContext, all_true, input_dtype
+from trainer import engine_state
+from trainer.batch_layout import StepLayout
+from trainer.distributed import WorkerContext, input_dtype
 from trainer.ema import ParamEMA, gather_full_state_dict
 from trainer.schema import TrainConfigBase
 
@@ -35,19 +37,25 @@ class TrainStage:
 
     name = "stage"
 
-    def __init__(self, cfg: TrainConfigBase, ctx: WorkerContext) -> None:
+    def __init__(self, cfg: TrainConfigBase, ctx: WorkerContext, layout: StepLayout) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self.layout = layout
         self.device = ctx.device
         self.input_dtype = input_dtype(cfg.deepspeed)
         self.engines: dict[str, Any] = {}
         self.ema: ParamEMA | None = None
 
     # --- hooks for subclasses -----------------------------------------------------------------
-    def batches(self, start_micro_batch: int) -> Iterator[Any]:
+    def batches(self, layout: StepLayout, start_step: int) -> Iterator[Any]:
+        """This rank's micro-batches of every step from ``start_step`` on, ``layout.accumulation`` per
+        step, in order (see ``trainer/batch_layout.py``). Each batch carries ``step``, ``micro``,
+        ``padding`` and ``keys`` (or ``rows``)."""
         raise NotImplementedError
 
-    def train_step(self, batch: Any, step: int) -> StepOutput:
+    def train_step(self, batch: Any, step: int, weight: float) -> StepOutput:
+        """Forward, backward and ``engine.step()`` of one micro-batch; ``weight`` scales its mean loss
+        (``StepLayout.loss_weight``: 1 when the layout is even, 0 for a padding micro-batch)."""
         raise NotImplementedError
 
     def preview(self, batch: Any, step: int) -> np.ndarray | None:
@@ -82,13 +90,24 @@ class TrainStage:
         if self.ema is not None:
             self.ema.update(self.main_engine.module)
 
-    def step_engine(self, engine, loss: torch.Tensor) -> bool:
-        """Backward and step if the loss is finite on every rank; otherwise skip on all ranks."""
-        finite = all_true(bool(torch.isfinite(loss.detach()).all()), self.device)
-        if finite:
-            engine.backward(loss)
-            engine.step()
-        return finite
+    def step_engine(self, engine, loss: torch.Tensor, weight: float = 1.0) -> bool:
+        """Backward and ``engine.step()`` of one micro-batch; returns whether its loss is finite here.
+
+        Every micro-batch goes through backward, so that all ranks stay in step through the
+        accumulation window. A non-finite loss makes non-finite gradients, and the optimizer skips
+        that whole step at the window's end (DeepSpeed's overflow check, ``SkipNonFiniteAdamW``
+        without ZeRO): ``engine.was_step_applied()`` then says False on every rank."""
+        engine.backward(loss if weight == 1.0 else loss * weight)
+        engine.step()
+        return bool(torch.isfinite(loss.detach()).all())
+
+    def batch_keys(self, batch: Any) -> list[str]:
+        """The sample keys of a micro-batch (for the sample-key audit)."""
+        return list(batch.keys)
+
+    def step_applied(self) -> bool:
+        """Whether the optimizer step that just ended changed the weights (False: skipped, non-finite)."""
+        return bool(self.main_engine.was_step_applied())
 
     def lr(self) -> float:
         return float(self.main_engine.get_lr()[0])
@@ -105,32 +124,35 @@ class TrainStage:
         return gather_full_state_dict(module)
 
     def save(self, directory: Path) -> None:
-        """Every rank writes its pieces into ``directory`` (Ray Train merges the ranks' dirs)."""
-        for name, engine in self.engines.items():
-            engine.save_checkpoint(str(directory / name), tag="state")
+        """Every rank writes its fragments of every engine into ``directory`` (Ray Train merges the
+        ranks' directories); the layout loads on any number of workers (``trainer/engine_state.py``)."""
         from safetensors.torch import save_file
 
-        if self.ema is not None and (self.ema.sharded or self.ctx.is_main):
-            (directory / "ema").mkdir(parents=True, exist_ok=True)
-            save_file(self.ema.state_dict(), str(directory / "ema" / f"rank{self.ctx.rank}.safetensors"))
-        extra = self.stage_state()
-        if extra and self.ctx.is_main:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
-                      str(directory / "stage_state.safetensors"))
+        for name, engine in self.engines.items():
+            extra = self.ema.views(engine.module, self.ctx.rank) if (self.ema is not None and name == "model") else []
+            engine_state.save_engine(engine, directory / name, self.ctx.rank, extra)
+        extra_state = self.stage_state()
+        if self.ctx.is_main:
+            if self.ema is not None:
+                (directory / "ema.json").write_text(json.dumps({"num_updates": self.ema.num_updates}))
+            if extra_state:
+                save_file({k: v.detach().cpu().contiguous() for k, v in extra_state.items()},
+                          str(directory / "stage_state.safetensors"))
 
     def load(self, directory: Path) -> None:
+        """Restore every engine (and the EMA) from ``directory``, written at any world size."""
         from safetensors.torch import load_file
 
         for name, engine in self.engines.items():
-            path, _ = engine.load_checkpoint(str(directory / name), tag="state", load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-            if path is None:
-                raise RuntimeError(f"checkpoint {directory} has no '{name}' engine state")
+            if not (directory / name).is_dir():
+                raise engine_state.CheckpointError(f"checkpoint {directory} has no '{name}' engine state")
+            extra = self.ema.views(engine.module, self.ctx.rank) if (self.ema is not None and name == "model") else []
+            engine_state.load_engine(engine, directory / name, self.ctx.rank, extra)
         if self.ema is not None:
-            rank = self.ctx.rank if self.ema.sharded else 0
-            ema_file = directory / "ema" / f"rank{rank}.safetensors"
-            if ema_file.exists():
-                self.ema.load_state_dict(load_file(str(ema_file)))
+            ema_file = directory / "ema.json"
+            if not ema_file.exists():
+                raise engine_state.CheckpointError(f"checkpoint {directory} has no EMA but trainer.ema_decay is set")
+            self.ema.num_updates = int(json.loads(ema_file.read_text())["num_updates"])
         extra_file = directory / "stage_state.safetensors"
         if extra_file.exists():
             self.load_stage_state(load_file(str(extra_file)))

@@ -4,8 +4,9 @@ Per micro-batch: draw a mask ratio from the cosine schedule for every sequence, 
 random positions with the mask id, drop the class label (-> null class) with probability
 ``model.class_label_dropout`` for classifier-free guidance, and train with label-smoothed
 cross-entropy weighted 1 on masked and ``generator.loss_weight_unmasked_token`` on visible tokens
-(the authors' recipe). All randomness of a micro-batch comes from a generator seeded by
-(seed, rank, micro-batch index), so a resumed run repeats it exactly.
+(the authors' recipe). A sample's randomness (mask ratio, masked positions, label drop) comes from a
+generator seeded by its position in the run's order, so a resumed run repeats it exactly on any
+number of workers.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.batch_layout import StepLayout
 from trainer.distributed import WorkerContext, build_engine
 from trainer.schema import GeneratorTrainConfig
 from trainer.stages.base import StepOutput, TrainStage
 
 
-def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:
-    """A generator private to one micro-batch of one rank."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + index) % (2**63 - 1))
+def sample_generators(seed: int, positions: torch.Tensor) -> list[torch.Generator]:
+    """One generator per sample, seeded by the sample's position in the run's order: a sample's mask
+    and label drop do not depend on which rank or micro-batch it lands in (nor on resizes)."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + int(p) * 7_919 + 17) % (2**63 - 1))
+            for p in positions.tolist()]
 
 
 def cosine_mask_ratio(t: torch.Tensor) -> torch.Tensor:
@@ -32,14 +36,17 @@ def cosine_mask_ratio(t: torch.Tensor) -> torch.Tensor:
     return (torch.arccos(t) / (math.pi / 2)).clamp(1e-6, 1.0)
 
 
-def random_masking(tokens: torch.Tensor, mask_id: int, generator: torch.Generator
+def random_masking(tokens: torch.Tensor, mask_id: int, generators: list[torch.Generator]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked input ids, bool mask of the masked positions); at least one position per row."""
+    """(masked input ids, bool mask of the masked positions); at least one position per row.
+
+    Row ``i`` draws its mask ratio, then its order of positions, from ``generators[i]``."""
     batch, length = tokens.shape
-    ratio = cosine_mask_ratio(torch.rand(batch, generator=generator))
+    draws = torch.stack([torch.rand(1 + length, generator=g) for g in generators])
+    ratio = cosine_mask_ratio(draws[:, 0])
     num_masked = (length * ratio).round().clamp(min=1).long()
     # The rank of each position in a random order; the lowest `num_masked` ranks are masked.
-    order = torch.rand(batch, length, generator=generator).argsort(dim=1).argsort(dim=1)
+    order = draws[:, 1:].argsort(dim=1).argsort(dim=1)
     mask = order < num_masked[:, None]
     masked = torch.where(mask.to(tokens.device), torch.full_like(tokens, mask_id), tokens)
     return masked, mask.to(tokens.device)
@@ -60,8 +67,8 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
 class GeneratorStage(TrainStage):
     name = "generator"
 
-    def __init__(self, cfg: GeneratorTrainConfig, ctx: WorkerContext) -> None:
-        super().__init__(cfg, ctx)
+    def __init__(self, cfg: GeneratorTrainConfig, ctx: WorkerContext, layout: StepLayout) -> None:
+        super().__init__(cfg, ctx, layout)
         from trainer import models
 
         self.cfg: GeneratorTrainConfig = cfg
@@ -72,14 +79,14 @@ class GeneratorStage(TrainStage):
         if cfg.trainer.activation_checkpointing:
             model.set_grad_checkpointing(True)
         self.mask_id = cfg.model.codebook_size
-        self.engines["model"] = build_engine(model, cfg)
+        self.engines["model"] = build_engine(model, cfg, accumulation=layout.accumulation)
         if cfg.trainer.compile:
             self.engines["model"].compile()
         self.init_ema()
         self._tokenizer = None
 
-    def batches(self, start_micro_batch: int) -> Iterator[Any]:
-        from trainer.token_data import load_token_dataset, token_batches
+    def batches(self, layout: StepLayout, start_step: int) -> Iterator[Any]:
+        from trainer.token_data import load_token_dataset, token_step_batches
 
         if not self.cfg.data.train_shards:
             raise ValueError("data.train_shards must point at pre-tokenized data (data_prep/pretokenize.py)")
@@ -91,22 +98,23 @@ class GeneratorStage(TrainStage):
         top = int(dataset.tokens.max())
         if top >= self.cfg.model.codebook_size:
             raise ValueError(f"token id {top} >= model.codebook_size {self.cfg.model.codebook_size}")
-        self._micro_batch = start_micro_batch
-        for batch in token_batches("", self.cfg.trainer.batch_size_per_worker, self.ctx.rank, self.ctx.world_size,
-                                   self.cfg.seed, start_batch=start_micro_batch, dataset=dataset):
-            yield batch
-            self._micro_batch += 1
+        self._keys = dataset.keys
+        return token_step_batches(dataset, layout, self.ctx.rank, self.cfg.seed, start_step=start_step)
 
-    def train_step(self, batch: Any, step: int) -> StepOutput:
-        tokens, labels = (t.to(self.device, non_blocking=True) for t in batch)
-        rng = batch_generator(self.cfg.seed, self.ctx.rank, self._micro_batch)
-        masked, mask = random_masking(tokens, self.mask_id, rng)
-        drop = (torch.rand(tokens.shape[0], generator=rng) < self.cfg.model.class_label_dropout).to(self.device)
+    def batch_keys(self, batch: Any) -> list[str]:
+        return [self._keys[r] for r in batch.rows.tolist()]
+
+    def train_step(self, batch: Any, step: int, weight: float = 1.0) -> StepOutput:
+        tokens, labels = batch.tokens.to(self.device, non_blocking=True), batch.labels.to(self.device, non_blocking=True)
+        generators = sample_generators(self.cfg.seed, batch.positions)
+        masked, mask = random_masking(tokens, self.mask_id, generators)
+        drops = torch.stack([torch.rand(1, generator=g) for g in generators]).view(-1)
+        drop = (drops < self.cfg.model.class_label_dropout).to(self.device)
         engine = self.engines["model"]
         logits = engine(masked, labels, drop)
         loss, accuracy = masked_token_loss(logits, tokens, mask, self.cfg.generator.label_smoothing,
                                            self.cfg.generator.loss_weight_unmasked_token)
-        finite = self.step_engine(engine, loss)
+        finite = self.step_engine(engine, loss, weight)
         metrics = {"loss": loss.item(), "masked_token_accuracy": accuracy.item(),
                    "mask_ratio": mask.float().mean().item()}
         return StepOutput(metrics, finite, tokens.shape[0])
@@ -126,7 +134,7 @@ class GeneratorStage(TrainStage):
         was_training = module.training
         module.eval()
         try:
-            labels = batch[1][:8].to(self.device)
+            labels = batch.labels[:8].to(self.device)
             images = sample_images(module, self._tokenizer, labels, seeds=list(range(labels.shape[0])),
                                    settings=self.cfg.generator.preview_sampling)
         finally:

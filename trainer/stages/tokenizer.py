@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.batch_layout import StepLayout
 from trainer.distributed import WorkerContext, build_engine, compute_dtype
 from trainer.schema import TokenizerRecipe, TokenizerTrainConfig
 from trainer.stages.base import StepOutput, TrainStage
@@ -28,8 +29,8 @@ PREVIEW_IMAGES = 8
 class TokenizerStage(TrainStage):
     name = "tokenizer"
 
-    def __init__(self, cfg: TokenizerTrainConfig, ctx: WorkerContext) -> None:
-        super().__init__(cfg, ctx)
+    def __init__(self, cfg: TokenizerTrainConfig, ctx: WorkerContext, layout: StepLayout) -> None:
+        super().__init__(cfg, ctx, layout)
         from trainer import models
 
         self.cfg: TokenizerTrainConfig = cfg
@@ -56,7 +57,7 @@ class TokenizerStage(TrainStage):
             model.latent_tokens.requires_grad_(False)
         if cfg.trainer.activation_checkpointing:
             model.set_grad_checkpointing(True)
-        self.engines["model"] = build_engine(model, cfg)
+        self.engines["model"] = build_engine(model, cfg, accumulation=layout.accumulation)
         if cfg.trainer.compile:
             self.engines["model"].compile()
         self.pixel_loss = None
@@ -66,19 +67,18 @@ class TokenizerStage(TrainStage):
             self.pixel_loss = build_pixel_loss(cfg.tokenizer.losses).to(self.device)
             if cfg.tokenizer.losses.gan_enabled:
                 discriminator = build_discriminator(cfg.tokenizer.discriminator)
-                self.engines["discriminator"] = build_engine(discriminator, cfg,
-                                                             optim=cfg.tokenizer.discriminator_optim)
+                self.engines["discriminator"] = build_engine(discriminator, cfg, optim=cfg.tokenizer.discriminator_optim,
+                                                             accumulation=layout.accumulation)
         self.init_ema()
 
     # --- data ---------------------------------------------------------------------------------
-    def batches(self, start_micro_batch: int) -> Iterator[Any]:
-        from trainer.data import train_batches
+    def batches(self, layout: StepLayout, start_step: int) -> Iterator[Any]:
+        from trainer.data import step_batches
 
         data = self.cfg.data
-        return train_batches(data.train_shards, batch_size=self.cfg.trainer.batch_size_per_worker,
-                             image_size=data.image_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                             num_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer,
-                             seed=self.cfg.seed, start_batch=start_micro_batch, uint8=True, device=self.device)
+        return step_batches(data.train_shards, layout, self.ctx.rank, image_size=data.image_size,
+                            num_workers=data.loader_workers, seed=self.cfg.seed, shuffle_buffer=data.shuffle_buffer,
+                            start_step=start_step, uint8=True, device=self.device)
 
     def _images(self, batch: Any) -> torch.Tensor:
         """The batch's images as ``input_dtype`` NCHW in [0, 1] on the device; uint8 NHWC batches (the
@@ -91,7 +91,7 @@ class TokenizerStage(TrainStage):
         return images.to(self.device, dtype=self.input_dtype, non_blocking=True)
 
     # --- step ---------------------------------------------------------------------------------
-    def train_step(self, batch: Any, step: int) -> StepOutput:
+    def train_step(self, batch: Any, step: int, weight: float = 1.0) -> StepOutput:
         images = self._images(batch)
         engine = self.engines["model"]
         if self.recipe == TokenizerRecipe.proxy_codes:
@@ -100,7 +100,7 @@ class TokenizerStage(TrainStage):
             proxy_code_logits, aux = engine(images)
             loss_ce = F.cross_entropy(proxy_code_logits.float(), codes)
             loss = loss_ce + aux["quantizer_loss"]
-            finite = self.step_engine(engine, loss)
+            finite = self.step_engine(engine, loss, weight)
             accuracy = (proxy_code_logits.detach().argmax(1) == codes).float().mean()
             metrics = {"loss": loss.item(), "loss_ce": loss_ce.item(), "loss_quantizer": float(aux["quantizer_loss"]),
                        "proxy_code_accuracy": accuracy.item()}
@@ -110,11 +110,11 @@ class TokenizerStage(TrainStage):
         reconstructions, aux = engine(images)
         loss, terms = self.pixel_loss.generator_loss(images, reconstructions, aux, step,
                                                      disc_engine.module if disc_engine is not None else None)
-        finite = self.step_engine(engine, loss)
+        finite = self.step_engine(engine, loss, weight)
         metrics = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
         if disc_engine is not None and self.pixel_loss.discriminator_active(step):
             d_loss, d_terms = self.pixel_loss.discriminator_loss(images, reconstructions.detach(), step, disc_engine)
-            finite = self.step_engine(disc_engine, d_loss) and finite
+            finite = self.step_engine(disc_engine, d_loss, weight) and finite
             metrics.update({"loss_discriminator": d_loss.item(), **{k: float(v) for k, v in d_terms.items()}})
         metrics["psnr"] = float(_psnr(reconstructions.detach(), images))
         return StepOutput(metrics, finite, images.shape[0], self._code_counts(aux))

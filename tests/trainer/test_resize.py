@@ -1,0 +1,119 @@
+"""A run resumed on another number of workers is the same run: same losses, same samples per step.
+
+The tokenizer (single-stage L2, no dropout, fp32) trains 12 steps on 2 workers; the same run is also
+trained in three parts: 2 workers to step 6, resumed on 1 worker to step 9, resumed on 2 workers to
+step 12, every part with the same ``trainer.max_steps`` (so the same LR schedule) and stopped with
+``trainer.stop_at_step``. Real local Ray, DeepSpeed over gloo, MLflow server. The sample keys of
+every step come from the run's own audit (``trainer.record_sample_keys``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import metric_by_step, mlflow_run_id, tokenizer_overrides, train_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _keys_by_step(run_dir: Path) -> dict[int, list[str]]:
+    """Every step's sample keys, over all ranks and attempts (a step redone after a restart must
+    read the same samples again, so it is recorded with the same set)."""
+    found: dict[int, set[str]] = defaultdict(set)
+    for path in (run_dir / "sample_keys").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            found[record["step"]].update(record["keys"])
+    return {step: sorted(keys) for step, keys in found.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("zero", [2, 3])
+def test_run_resized_2_1_2_equals_the_straight_run(zero, tiny_shards, tmp_path, mlflow_server) -> None:
+    common = [f"deepspeed.zero_stage={zero}", "trainer.max_steps=12", "trainer.checkpoint_every=3",
+              "trainer.record_sample_keys=true", "trainer.ema_decay=0.9", f"mlflow.tracking_uri={mlflow_server}",
+              "mlflow.experiment=test-resize"]
+    straight = tmp_path / "straight"
+    train_tokenizer(tokenizer_overrides(tiny_shards, straight, *common, "trainer.num_workers=2"))
+    resized = tmp_path / "resized"
+    timings = {}
+    for workers, stop in ((2, 6), (1, 9), (2, 12)):
+        started = time.perf_counter()
+        train_tokenizer(tokenizer_overrides(tiny_shards, resized, *common, f"trainer.num_workers={workers}",
+                                            f"trainer.stop_at_step={stop}"))
+        timings[(workers, stop)] = time.perf_counter() - started
+
+    straight_loss = metric_by_step(mlflow_server, mlflow_run_id(straight), "train/loss")
+    resized_loss = metric_by_step(mlflow_server, mlflow_run_id(resized), "train/loss")
+    workers = metric_by_step(mlflow_server, mlflow_run_id(resized), "perf/workers")
+    assert sorted(straight_loss) == sorted(resized_loss) == list(range(1, 13))
+    worst = max(abs(resized_loss[s] - straight_loss[s]) / abs(straight_loss[s]) for s in range(1, 13))
+    print(f"\nZeRO-{zero}: largest relative loss difference across the resizes: {worst:.2e}; "
+          f"part times (s): {', '.join(f'{w} worker(s) to step {s}: {t:.1f}' for (w, s), t in timings.items())}")
+    assert worst < 1e-4
+    assert [workers[s] for s in (6, 7, 9, 10, 12)] == [2.0, 1.0, 1.0, 2.0, 2.0]
+
+    straight_keys, resized_keys = _keys_by_step(straight), _keys_by_step(resized)
+    assert sorted(straight_keys) == sorted(resized_keys) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resized_keys[step] == straight_keys[step], step
+        assert len(straight_keys[step]) == 8  # the global batch: 2 workers x 4
+
+    state = json.loads((resized / "checkpoints" / "step_000000009" / "train_state.json").read_text())
+    assert state["world_size"] == 1 and state["global_batch_size"] == 8 and state["step"] == 9
+
+
+def _run_cli(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "trainer" / "run.py"), "stage=tokenizer", *overrides],
+                          cwd=str(cwd), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": "", "DS_ACCELERATOR": "cpu"})
+
+
+def test_worker_count_that_does_not_divide_the_global_batch_is_refused(tiny_shards, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    result = _run_cli(tokenizer_overrides(tiny_shards, run_dir, "trainer.global_batch_size=12",
+                                          "trainer.num_workers=5", "mlflow.enabled=false"), tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["config error: trainer.num_workers: 5 does not divide the global batch 12 "
+                     "(trainer.global_batch_size); valid: 1, 2, 3, 4, 6, 12"], result.stderr[-2000:]
+    assert not run_dir.exists(), "nothing may be written before the refusal"
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_resume_that_changes_an_invariant_is_refused_before_writing(tiny_shards, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    train_tokenizer(tokenizer_overrides(tiny_shards, run_dir, "trainer.max_steps=2", "trainer.checkpoint_every=2",
+                                        "trainer.num_workers=1", "mlflow.enabled=false"))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    cases = [
+        (["model.codebook_size=512"], "model.codebook_size: the run in"),
+        (["trainer.global_batch_size=8"], "trainer.global_batch_size: the run in"),
+        (["seed=5"], "seed: the run in"),
+    ]
+    for extra, expected in cases:
+        result = _run_cli(tokenizer_overrides(tiny_shards, run_dir, "trainer.max_steps=4", "trainer.num_workers=1",
+                                              "mlflow.enabled=false", *extra), tmp_path)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr + result.stdout
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before, "a refused resume wrote to the run dir"
+    # The deliberate change goes through the refusal (the run itself is not continued here).
+    from trainer.config import build_config
+    from trainer.resume import previous_run_config, resolve_run
+    from trainer.schema import TokenizerTrainConfig
+
+    cfg = build_config("tokenizer", TokenizerTrainConfig, tokenizer_overrides(
+        tiny_shards, run_dir, "trainer.global_batch_size=8", "trainer.allow_global_batch_change=true"))
+    notices = resolve_run(cfg, previous_run_config(str(run_dir)))
+    assert cfg.trainer.global_batch_size == 8 and any("global batch 4 -> 8" in n for n in notices)
