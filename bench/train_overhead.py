@@ -2,7 +2,7 @@
 plain single-process PyTorch loop on the same model and data, in the same run; and the memory each rank
 holds under ZeRO 0/1/2/3.
 
-    python bench/train_overhead.py [--rounds 2] [--steps 60] [--warmup 10] [--parts overhead,zero]
+    python bench/train_overhead.py [--rounds 2] [--steps 60] [--warmup 10] [--parts overhead,zero,preemption]
 
 Overhead (1 worker, ZeRO-0, fp32, CPU). Each round runs both paths on the same TiTok (single-stage
 recipe, L2 + quantizer loss), the same seed and the same demo shards; the order alternates between
@@ -26,6 +26,9 @@ the driver, the Ray train worker, its other processes (loader workers, Ray's dae
 by everything else on the machine, and warns when other users took more than a quarter of a core.
 Ray starts its workers at niceness 15 (``RAY_worker_niceness``), so under foreign load the Ray path
 loses far more than the plain loop: compare figures from quiet runs only.
+
+Preemption checks: the Ray path with ``trainer.preemption_check_every=1`` (the default: a barrier of all
+workers through Ray each step) against no checks, alternating; prints the cost per step.
 
 ZeRO memory (2 Ray workers, gloo, fp32): for each stage, a fresh worker group builds the engine with
 ``trainer.distributed.build_engine``, takes a few steps, and reports what the rank holds: parameters
@@ -317,6 +320,33 @@ def overhead(args: argparse.Namespace, work: Path) -> None:
           f"(same weights, data and optimizer: should agree closely)")
 
 
+def preemption_checks(args: argparse.Namespace, work: Path) -> None:
+    """Step time of the Ray path with a preemption check every step (the default) against none."""
+    from cluster.ray_session import connect_ray
+
+    shards = make_shards(work / "data-preempt", args.images)
+    tracking_uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
+    (work / "mlflow").mkdir(parents=True, exist_ok=True)
+    connect_ray()
+    kept: dict[str, list[float]] = {"every step": [], "never": []}
+    for r in range(args.rounds):
+        order = ("every step", "never") if r % 2 == 0 else ("never", "every step")
+        for name in order:
+            every = 1 if name == "every step" else 10**9
+            cfg = tokenizer_config(args, shards, f"output_dir={work / f'preempt-{r}-{every}'}",
+                                   f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=bench-preemption",
+                                   f"trainer.preemption_check_every={every}")
+            times, _, _, _ = ray_run(cfg)
+            windows_kept = [t for end, t in sorted(times.items()) if end > args.warmup]
+            kept[name] += windows_kept
+            print(f"round {r + 1}/{args.rounds} preemption check {name:>10}: median step "
+                  f"{statistics.median(windows_kept):.3f} s", flush=True)
+    every_s, never_s = statistics.median(kept["every step"]), statistics.median(kept["never"])
+    print(f"
+preemption check every step: {every_s:.3f} s/step vs {never_s:.3f} without: "
+          f"{100 * (every_s / never_s - 1):+.1f}% ({1000 * (every_s - never_s):+.1f} ms per step)")
+
+
 # --- ZeRO memory ---------------------------------------------------------------------------------
 
 
@@ -434,7 +464,8 @@ def zero_memory(args: argparse.Namespace, work: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="overhead,zero", help="comma list of: overhead, zero")
+    parser.add_argument("--parts", default="overhead,zero,preemption",
+                        help="comma list of: overhead, zero, preemption")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (plain, Ray) runs, order alternating")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=10, help="steps dropped at the start of each run (a "
@@ -470,6 +501,8 @@ def main() -> int:
             overhead(args, work)
         if "zero" in parts:
             zero_memory(args, work)
+        if "preemption" in parts:
+            preemption_checks(args, work)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

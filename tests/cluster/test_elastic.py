@@ -39,8 +39,9 @@ class ElasticCluster(TwoNodeCluster):
     def __init__(self) -> None:
         super().__init__()
         # Ray's GCS marks a node dead after health_check_failure_threshold missed checks (default ~15 s).
-        self.env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                         "RAY_health_check_failure_threshold": "3"})
+        # Ray Train's preemption watcher polls the drain state every 5 s by default.
+        self.env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
+                         "RAY_health_check_failure_threshold": "5", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})
 
     def second(self):
         return next(n for n in self.nodes if n.name == "second")
@@ -112,7 +113,7 @@ def test_elastic_run_survives_node_loss_grows_back_and_checkpoints_on_preemption
 
     output = tmp_path / "run"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    max_steps = 400
+    max_steps = 600
     overrides = ["experiment=demo", f"data.train_shards={tiny_shards}", f"output_dir={output}",
                  "trainer.num_workers=[1,2]", "trainer.cpus_per_worker=2", f"trainer.max_steps={max_steps}",
                  "trainer.log_every=1", "trainer.checkpoint_every=5", "trainer.image_log_every=0",

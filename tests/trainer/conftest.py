@@ -10,6 +10,7 @@ def tokenizer_overrides(shards: Path, output_dir: Path, *extra: str) -> list[str
     """The demo tokenizer (image 32, single-stage L2), shrunk further for tests."""
     return ["experiment=demo", f"data.train_shards={shards}", f"output_dir={output_dir}",
             "data.loader_workers=0", "data.shuffle_buffer=16", "trainer.batch_size_per_worker=4",
+            "trainer.global_batch_size=null",  # workers x 4 for a new run; a resumed run keeps its own
             "trainer.num_workers=2", "trainer.cpus_per_worker=1", "trainer.log_every=1",
             "trainer.image_log_every=0", "optim.warmup_steps=2", "optim.lr=2e-3", "model.vit_enc_width=64",
             "model.vit_dec_width=64", *extra]

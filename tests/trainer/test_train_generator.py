@@ -123,3 +123,22 @@ def test_two_workers_zero2_resume_equals_uninterrupted(token_data, tmp_path, mlf
     assert sorted(a) == sorted(b) == list(range(1, 11))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_generator_resumed_on_another_worker_count_logs_the_same_losses(token_data, tmp_path, mlflow_server) -> None:
+    """Each sample's mask and label drop follow its position in the run's order, not its rank: without
+    dropout (whose randomness is per rank), 1 worker -> 2 workers gives the straight run's losses."""
+    common = ["deepspeed.zero_stage=1", "trainer.max_steps=8", "trainer.log_every=1", "trainer.checkpoint_every=4",
+              "trainer.global_batch_size=16", "model.dropout=0.0", "model.attn_drop=0.0"]
+    straight, resized = tmp_path / "straight", tmp_path / "resized"
+    train_generator(_overrides(token_data, straight, mlflow_server, *common, "trainer.num_workers=2"))
+    train_generator(_overrides(token_data, resized, mlflow_server, *common, "trainer.num_workers=1",
+                               "trainer.stop_at_step=4"))
+    train_generator(_overrides(token_data, resized, mlflow_server, *common, "trainer.num_workers=2"))
+    a = metric_by_step(mlflow_server, mlflow_run_id(straight), "train/loss")
+    b = metric_by_step(mlflow_server, mlflow_run_id(resized), "train/loss")
+    workers = metric_by_step(mlflow_server, mlflow_run_id(resized), "perf/workers")
+    assert sorted(a) == sorted(b) == list(range(1, 9)) and workers[4] == 1.0 and workers[5] == 2.0
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), step
