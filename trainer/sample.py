@@ -60,7 +60,7 @@ class SamplingConfig:
 
     num_steps: int = 8
     guidance_scale: float = 4.5
-    # "constant" | "linear" | "power-cosine" (the authors' schedules; see ../shared/spec section 4)
+    # "constant" | "linear" | "power-cosine" (the authors' schedules; docs/checkpoint_format.md §4)
     guidance_decay: str = "linear"
     guidance_scale_pow: float = 3.0
     randomize_temperature: float = 9.5
