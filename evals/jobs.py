@@ -304,6 +304,9 @@ def load_checkpoint(url: str) -> Checkpoint:
 
 
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[np.ndarray]]:
+    from evals.preflight import with_image_size
+
+    cfg = with_image_size(cfg, checkpoint.url)  # eval.image_size=null: the checkpoint's size
     if cfg.eval.kind == EvalKind.reconstruction:
         return evaluate_reconstruction(cfg, checkpoint)
     if cfg.eval.kind == EvalKind.generation:
@@ -317,7 +320,9 @@ def evaluate_and_log(cfg: EvalConfig, checkpoint: Checkpoint | None = None) -> d
     from evals.tracking import log_result
 
     if cfg.eval.kind == EvalKind.folders:
-        result, previews = evaluate_folders(cfg)
+        from evals.preflight import with_image_size
+
+        result, previews = evaluate_folders(with_image_size(cfg))
         eval_of, step, meta = f"folders:{result['input1']} vs {result['input2']}", cfg.eval.step, None
     else:
         assert checkpoint is not None

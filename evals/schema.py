@@ -43,7 +43,9 @@ class EvalSettings:
     reference: Optional[str] = None
     # Where computed reference statistics are cached (local or s3://). null: <images location>/fid_stats.
     stats_cache: Optional[str] = None
-    image_size: int = 256              # shards: shorter side resized to this, then center crop
+    # Shards: shorter side resized to this, then center crop. null: what the checkpoint fixes (the
+    # tokenizer's size; for generation the tokenizer that decodes the samples), 256 for folders.
+    image_size: Optional[int] = None
     jpeg_draft: bool = False           # shards: PIL's DCT-domain downscale while decoding (faster, not exact)
     num_samples: int = FID_50K         # generation
     seed: int = 0                      # generation: sample i uses a seed derived from (seed, i)
@@ -66,7 +68,7 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "batch_size", "chunk_size", "image_size", "num_samples"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0 or self.preview_images < 0 or self.cpus_per_worker <= 0:
             raise ConfigError("eval", "max_retries >= 0, preview_images >= 0 and cpus_per_worker > 0 are required")

@@ -15,7 +15,7 @@ from pathlib import Path
 from cluster import storage
 from cluster.local import apply_service_env
 from cluster.ray_session import connect_ray
-from trainer.config import to_yaml
+from trainer.config import EXIT_CONFIG_ERROR, ConfigError, to_yaml
 from trainer.schema import TrainConfigBase
 
 
@@ -26,13 +26,21 @@ def absolute_run_dir(cfg: TrainConfigBase) -> str:
 
 def launch(cfg: TrainConfigBase) -> int:
     """Train until ``trainer.max_steps``; resumes from the latest checkpoint under ``output_dir``."""
+    from trainer.preflight import check_training
+
+    apply_service_env()
+    try:  # inputs and output first: before MLflow, Ray or any weights (trainer/preflight.py)
+        check_training(cfg)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer import tracking
     from trainer.loop import train_worker
 
-    apply_service_env()
     cfg.output_dir = absolute_run_dir(cfg)
     run_dir = cfg.output_dir
     storage.ensure_bucket(run_dir)
