@@ -138,6 +138,20 @@ def test_train_missing_shards(tmp_path: Path, stage: str, extra: list[str]) -> N
     assert not (tmp_path / "run").exists()
 
 
+def test_generator_of_another_shape_than_the_token_shards(tmp_path: Path) -> None:
+    """The token shards' manifest fixes tokens per image and codebook: a demo generator (16 tokens)
+    on 32-token shards is refused before Ray, naming the key to set."""
+    from data_prep.pretokenize import write_manifest
+
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "tokens-000000.parquet").write_bytes(b"")  # listed only; the check reads the manifest
+    write_manifest(str(tokens), [], {"num_tokens": 32, "codebook_size": 256})
+    outcome = run_entry(["trainer/run.py", "stage=generator", "experiment=demo", f"data.train_shards={tokens}",
+                         f"output_dir={tmp_path}/run", "mlflow.enabled=false"], tmp_path)
+    assert_refused(outcome, "model.image_seq_len", mentions="set model.image_seq_len=32")
+
+
 def test_train_output_that_cannot_be_written(tmp_path: Path, tiny_shards: Path) -> None:
     (tmp_path / "taken").write_text("a file where the run's folder would go")
     outcome = run_entry(["trainer/run.py", "stage=tokenizer", "experiment=demo", f"data.train_shards={tiny_shards}",

@@ -68,8 +68,31 @@ def _check_tokenizer_inputs(cfg: TokenizerTrainConfig) -> None:
                                        "weight file")
 
 
+def _require_matching_tokens(cfg: GeneratorTrainConfig) -> None:
+    """The token shards' manifest names their tokens per image and codebook (data_prep/pretokenize.py):
+    a model of another shape would fail in a worker minutes later, so say it now."""
+    from cluster import storage
+    from trainer.token_data import MANIFEST, read_metadata
+
+    root = cfg.data.train_shards
+    try:
+        if not storage.exists(storage.join(root, MANIFEST)):  # type: ignore[arg-type]
+            return  # token shards without their manifest: the worker checks the tokens themselves
+        meta = read_metadata(root)  # type: ignore[arg-type]
+    except (storage.StorageError, OSError, ValueError) as err:
+        raise BadInput("data.train_shards", f"cannot read {MANIFEST} under {root}: {err}") from None
+    tokens, codebook = meta.get("num_tokens"), meta.get("codebook_size")
+    if tokens is not None and tokens != cfg.model.image_seq_len:
+        raise BadInput("model.image_seq_len", f"is {cfg.model.image_seq_len}, but the token shards under {root} hold "
+                                              f"{tokens} tokens per image; set model.image_seq_len={tokens}")
+    if codebook is not None and codebook > cfg.model.codebook_size:
+        raise BadInput("model.codebook_size", f"is {cfg.model.codebook_size}, but the token shards under {root} come "
+                                              f"from a {codebook}-entry codebook; set model.codebook_size={codebook}")
+
+
 def _check_generator_inputs(cfg: GeneratorTrainConfig) -> None:
     _require_token_shards("data.train_shards", cfg.data.train_shards)
+    _require_matching_tokens(cfg)
     preflight.require_model("generator.tokenizer", cfg.generator.tokenizer)
     preflight.require_model("generator.init_from", cfg.generator.init_from)
 
