@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.distributed import WorkerContext, build_engine
+from trainer.partitioning import build_model, copy_state_into
 from trainer.schema import GeneratorTrainConfig
 from trainer.stages.base import StepOutput, TrainStage
 
@@ -65,10 +66,13 @@ class GeneratorStage(TrainStage):
         from trainer import models
 
         self.cfg: GeneratorTrainConfig = cfg
-        model = models.build_generator(cfg.model)
+        model = build_model(cfg, lambda: models.build_generator(cfg.model))  # partitioned at ZeRO-3
         if cfg.generator.init_from:
             source = models.load_generator(cfg.generator.init_from)
-            model.load_state_dict(source.state_dict())
+            missing, unexpected = copy_state_into(model, source.state_dict())  # also into ZeRO-3 partitions
+            if missing or unexpected:
+                raise ValueError(f"generator.init_from={cfg.generator.init_from} does not fit model: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         if cfg.trainer.activation_checkpointing:
             model.set_grad_checkpointing(True)
         self.mask_id = cfg.model.codebook_size

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.distributed import WorkerContext, build_engine, compute_dtype
+from trainer.partitioning import build_model, copy_state_into, gathered
 from trainer.schema import TokenizerRecipe, TokenizerTrainConfig
 from trainer.stages.base import StepOutput, TrainStage
 from trainer.tracking import image_grid, to_uint8_images
@@ -34,7 +35,8 @@ class TokenizerStage(TrainStage):
 
         self.cfg: TokenizerTrainConfig = cfg
         self.recipe = cfg.tokenizer.recipe
-        model = models.build_tokenizer(cfg.model)
+        # At ZeRO-3 built partitioned (zero.Init); the teacher below stays whole on every rank.
+        model = build_model(cfg, lambda: models.build_tokenizer(cfg.model))
         has_pixel_decoder = False
         if cfg.tokenizer.init_from:
             has_pixel_decoder = _load_init_weights(model, cfg.tokenizer.init_from)
@@ -49,7 +51,8 @@ class TokenizerStage(TrainStage):
             self.teacher.requires_grad_(False)
         if self.recipe == TokenizerRecipe.decoder_finetune:
             if self.teacher is not None:
-                model.load_proxy_decoder_from(self.teacher)
+                with gathered([*model.pixel_decoder.parameters(), *model.pixel_quantize.parameters()]):
+                    model.load_proxy_decoder_from(self.teacher)
                 self.teacher = None  # stage 2 needs the teacher only to initialise the pixel decoder
             for frozen in (model.encoder, model.quantize):
                 frozen.requires_grad_(False)
@@ -174,7 +177,7 @@ def _load_init_weights(model: torch.nn.Module, url: str) -> bool:
     from trainer.models import load_tokenizer
 
     source = load_tokenizer(url)
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    missing, unexpected = copy_state_into(model, source.state_dict())  # also into ZeRO-3 partitions
     allowed_missing = ("pixel_decoder.", "pixel_quantize.")
     bad = [k for k in missing if not k.startswith(allowed_missing)] + list(unexpected)
     if bad:
