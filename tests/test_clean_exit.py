@@ -90,13 +90,13 @@ connect_ray(num_cpus=1)
 
 @ray.remote
 class Spawner:
-    def spawn(self):
+    def spawn(self, pid_file):
         # sh starts sleep in the background and exits: sleep is re-parented to init at once.
-        subprocess.run(["sh", "-c", "sleep 300 & echo $! > " + sys.argv[2]], check=True)
-        return open(sys.argv[2]).read().strip()
+        subprocess.run(["sh", "-c", "sleep 300 & echo $! > " + pid_file], check=True)
+        return open(pid_file).read().strip()
 
 spawner = Spawner.remote()
-orphan = int(ray.get(spawner.spawn.remote()))
+orphan = int(ray.get(spawner.spawn.remote(sys.argv[2])))  # the driver's argv (a worker has its own)
 print(json.dumps({"orphan": orphan, "known": orphan in local_instance_pids()}), flush=True)
 if sys.argv[1] == "ray-only":
     ray.shutdown()   # Ray's own shutdown; cluster.ray_session's at-exit hook then finds nothing to do
@@ -115,6 +115,7 @@ def test_shutdown_ray_ends_processes_only_the_environment_ties_to_the_instance(t
         assert result.returncode == 0, result.stderr[-3000:]
         facts = json.loads(result.stdout.strip().splitlines()[-1])
         orphan = facts["orphan"]
+        assert int((tmp_path / "pid").read_text()) == orphan  # written where the test said, not in the repo
         assert facts["known"], "the orphan is not counted as a process of the instance"
         time.sleep(1.0)
         if how == "ray-only":
