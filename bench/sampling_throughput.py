@@ -39,7 +39,7 @@ from trainer.models import (GeneratorConfig, PixelDecoderConfig, TiTokConfig, bu
                             build_tokenizer, published_generator_config, published_tokenizer_config)
 from trainer.sample import SamplingConfig, sample_images, sample_tokens  # noqa: E402
 
-# The authors' decoding settings per published model (../shared/spec section 1).
+# The authors' decoding settings per published model (docs/checkpoint_format.md §1).
 PUBLISHED_SAMPLING = {
     "titok_l32": dict(num_steps=8, guidance_scale=4.5, guidance_decay="linear", randomize_temperature=9.5),
     "titok_b64": dict(num_steps=8, guidance_scale=3.0, guidance_decay="linear", randomize_temperature=11.0),
@@ -59,7 +59,8 @@ def small_models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The straightforward implementation: one sample, one step at a time, the spec's algorithm as written.
+# The straightforward implementation: one sample, one step at a time, the authors' algorithm as written
+# (docs/checkpoint_format.md §4).
 
 
 def _gumbel(uniform: torch.Tensor) -> torch.Tensor:

@@ -319,13 +319,31 @@ def _log_to_run(run_dir: str, metrics: dict[str, float], step: int) -> None:
         Tracker(ref).log_metrics(metrics, step)
 
 
+def check_inputs(cfg: DemoConfig) -> None:
+    """Before Ray starts (cluster/preflight.py): the work directory and the store can be written,
+    and Inception weights that were named exist."""
+    from cluster import preflight
+    from cluster.local import apply_service_env
+
+    apply_service_env()  # the local services' S3 endpoint, for store=s3://...
+    preflight.require_writable("workdir", cfg.workdir)
+    preflight.require_writable("store", cfg.store)
+    preflight.require_file("inception_weights", cfg.inception_weights, "weight file")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import load_config
+    from cluster.storage import StorageError
+    from trainer.config import EXIT_CONFIG_ERROR, load_config
 
     cfg = load_config("demo", DemoConfig, argv, description=__doc__)
     try:
+        check_inputs(cfg)
+    except ConfigError as err:  # cluster.preflight.BadInput: one line naming the key
+        print(str(err), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
         run_demo(cfg)
-    except StepFailed as err:
+    except (StepFailed, StorageError) as err:
         print(f"demo stopped: {err}. Fix the cause and re-run: finished steps are kept.", file=sys.stderr)
         return 1
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cluster import storage
+from cluster.preflight import BadInput
 
 EXIT_FAILED = 1          # some shards failed (re-run to retry) or verification found problems
 EXIT_INPUT_ERROR = 2     # unusable input or settings; nothing was written
@@ -52,11 +53,14 @@ def run_write_or_verify(name: str, cfg: Any, write: Callable[[Any], Any], verify
     """The body of a data-prep ``main()``: ``mode=verify`` lists problems, else write; one summary line.
 
     ``write``'s report has ``.line()`` and ``.failed``; ``verify``'s has ``.line()`` and ``.problems``.
-    Input errors print one line naming the entry point and exit with :data:`EXIT_INPUT_ERROR`.
+    Input errors (``write``/``verify`` check inputs and output before any work, see
+    :mod:`cluster.preflight`) print one line and exit with :data:`EXIT_INPUT_ERROR`; an error of the
+    store during the work is one line too, exit :data:`EXIT_FAILED` (re-running resumes).
     """
     import sys
 
     from cluster.local import apply_service_env
+    from trainer.config import ConfigError
 
     apply_service_env()
     try:
@@ -67,8 +71,14 @@ def run_write_or_verify(name: str, cfg: Any, write: Callable[[Any], Any], verify
             print(result.line(), flush=True)
             return EXIT_FAILED if result.problems else 0
         report = write(cfg)
-    except input_errors as err:
+    except BadInput as err:  # already names the key
+        print(str(err), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except (ConfigError, *input_errors) as err:
         print(f"{name}: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except storage.StorageError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return EXIT_FAILED
     print(report.line(), flush=True)
     return EXIT_FAILED if report.failed else 0

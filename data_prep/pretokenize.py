@@ -72,7 +72,7 @@ import pyarrow as pa
 if __package__ in (None, ""):  # `python data_prep/pretokenize.py`: import from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from cluster import storage  # noqa: E402
+from cluster import preflight, storage  # noqa: E402
 from cluster.ray_session import connect_ray  # noqa: E402
 from data_prep import manifest  # noqa: E402
 from data_prep.jobs import (  # noqa: E402
@@ -211,8 +211,8 @@ def list_image_shards(shards: str) -> list[tuple[str, int]]:
 
     try:
         urls = expand_shard_urls(shards if storage.is_remote(shards) else absolute_url(shards))
-    except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"shards={shards}: {err}") from None
+    except (FileNotFoundError, ValueError, storage.StorageError) as err:
+        raise preflight.BadInput("shards", str(err)) from None
     return list(zip(urls, _threaded(storage.size, urls)))
 
 
@@ -400,7 +400,10 @@ def write(cfg: PretokenizeConfig) -> PretokenizeReport:
             raise ConfigError(key, f"is required to write token shards (set {key}=...)")
     output = absolute_url(cfg.output)
     report = PretokenizeReport(output)
+    # What costs nothing first (cluster/preflight.py); the tokenizer's weights are loaded only then.
+    preflight.require_model("tokenizer", cfg.tokenizer)
     sources = list_image_shards(cfg.shards)  # type: ignore[arg-type]
+    preflight.require_writable("output", output)
     tokenizer = inspect_tokenizer(cfg.tokenizer)  # type: ignore[arg-type]
     plans = _input_plans([url for url, _ in sources])
     _check_image_size(cfg, tokenizer, plans)

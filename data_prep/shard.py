@@ -44,7 +44,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python data_prep/shard.py`: import from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from cluster import storage  # noqa: E402
+from cluster import preflight, storage  # noqa: E402
 from cluster.ray_session import connect_ray  # noqa: E402
 from data_prep import manifest  # noqa: E402
 from data_prep.jobs import absolute_url, ray_concurrency, remove_stale_temp_files, run_write_or_verify  # noqa: E402
@@ -147,12 +147,24 @@ def _settings(cfg: ShardConfig) -> dict[str, Any]:
             "jpeg_quality": cfg.jpeg_quality}
 
 
+def check_inputs(cfg: ShardConfig) -> None:
+    """What costs nothing, before the listing (minutes for ImageNet on S3) and Ray: the input, the
+    labels and synsets files exist, the output can be written. Raises
+    :class:`~cluster.preflight.BadInput`."""
+    if not preflight.path_exists("input", cfg.input):
+        raise preflight.BadInput("input", f"no images for split '{cfg.split.value}': {cfg.input} does not exist")
+    preflight.require_file("labels", cfg.labels, "labels file")
+    preflight.require_file("synsets", cfg.synsets, "synsets file")
+    preflight.require_writable("output", cfg.output)
+
+
 def write(cfg: ShardConfig) -> ShardReport:
     """Plan, write (or keep) every shard, then the manifests. Raises :class:`InputError` for unusable input."""
     from tqdm import tqdm
 
     begin = time.time()
     output, split = absolute_url(cfg.output), cfg.split.value
+    check_inputs(cfg)
     report = ShardReport(split, output)
     listing = list_split(cfg.input, split, labels=cfg.labels, synsets=cfg.synsets)
     settings = _settings(cfg)

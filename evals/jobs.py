@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from cluster import storage
+from evals.gan_test import ClassifierInfo, ClassifierSpec, classifier_spec, gan_test_result
 from evals.inception import NETWORK_DESCRIPTION, InceptionWeights, load_inception_weights
 from evals.merge import MergedSets
 from evals.pool import EvalError, EvalPool, PoolSettings, RunReport
@@ -31,6 +33,7 @@ from evals.sources import BadInputError, ImageSet, resolve_input
 from evals.stats import IS_SPLITS, FidStats, frechet_distance, inception_score
 from evals.worker import (Chunk, GeneratedSlice, GenerationTask, ReconstructionTask, ScoreTask, Task,
                           WorkerSettings)
+from trainer.models.quantizer import codebook_usage_from_counts
 from trainer.sample import run_tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ def _pool_settings(cfg: EvalConfig, work: int) -> PoolSettings:
 
 def _worker_settings(cfg: EvalConfig) -> WorkerSettings:
     e = cfg.eval
-    return WorkerSettings(e.inception_weights, e.batch_size, e.use_gpu, threads=max(1, int(e.cpus_per_worker)))
+    return WorkerSettings(e.inception_weights, e.batch_size, e.use_gpu, fid=e.fid, threads=max(1, int(e.cpus_per_worker)))
 
 
 def _resolve(cfg: EvalConfig, url: str) -> ImageSet:
@@ -89,24 +92,29 @@ def _chunks_of(image_set: ImageSet, set_name: str, first_index: int, logits: boo
     return chunks
 
 
-def _run_pool(cfg: EvalConfig, task: Task, chunks: list[Chunk], weights: InceptionWeights,
-              description: str) -> tuple[MergedSets, RunReport]:
+def _run_pool(cfg: EvalConfig, task: Task, chunks: list[Chunk], weights: InceptionWeights | None,
+              description: str, gan_test: ClassifierSpec | None = None
+              ) -> tuple[MergedSets, RunReport, ClassifierInfo | None]:
+    """Run the chunks on a pool; with ``gan_test`` one of its actors first trains (or finds cached)
+    that classifier."""
     with EvalPool(_worker_settings(cfg), task, _pool_settings(cfg, len(chunks)), weights) as pool:
-        return pool.run(chunks, description=description)
+        classifier = ClassifierInfo(**pool.call_one("train_gan_test", gan_test)) if gan_test else None
+        return (*pool.run(chunks, description=description), classifier)
 
 
 def _reference_info(stats: FidStats) -> dict[str, Any]:
     return {"stats_id": stats.stats_id, "source": stats.source, "count": stats.count}
 
 
-def _protocol(weights: InceptionWeights, metric: str, reference: FidStats, count: int, preprocessing: dict[str, str],
-              **extra: Any) -> dict[str, Any]:
+def _protocol(weights: InceptionWeights | None, metric: str, reference: FidStats | None, count: int,
+              preprocessing: dict[str, str], **extra: Any) -> dict[str, Any]:
+    """What makes two results comparable (no feature network or reference when FID was off)."""
     protocol = {
         "metric": metric,
-        "feature_network": NETWORK_DESCRIPTION,
-        "weights_sha256": weights.fingerprint,
-        "weights_source": weights.source,
-        "reference": _reference_info(reference),
+        "feature_network": NETWORK_DESCRIPTION if weights else None,
+        "weights_sha256": weights.fingerprint if weights else None,
+        "weights_source": weights.source if weights else None,
+        "reference": _reference_info(reference) if reference else None,
         "num_images": count,
         "preprocessing": preprocessing,
         "is_splits": IS_SPLITS,
@@ -150,7 +158,7 @@ def evaluate_folders(cfg: EvalConfig) -> tuple[dict[str, Any], list[np.ndarray]]
     chunks = _chunks_of(set1, "input1", 0, logits=True, preview=e.preview_images)
     if stats2 is None:
         chunks += _chunks_of(set2, "input2", len(chunks), preview=e.preview_images)
-    merged, report = _run_pool(cfg, ScoreTask(), chunks, weights, "folders")
+    merged, report, _ = _run_pool(cfg, ScoreTask(), chunks, weights, "folders")
     stats1 = _stats_of(merged, "input1", set1.url)
     if stats2 is None:
         stats2 = _stats_of(merged, "input2", set2.url)
@@ -174,29 +182,34 @@ def evaluate_folders(cfg: EvalConfig) -> tuple[dict[str, Any], list[np.ndarray]]
 
 
 def evaluate_reconstruction(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """rFID of a tokenizer over ``eval.data`` against the same images' statistics, plus PSNR/SSIM."""
+    """rFID of a tokenizer over ``eval.data`` against the same images' statistics (unless eval.fid is
+    false), plus PSNR/SSIM and the share of the codebook the images' tokens use."""
     e = cfg.eval
-    weights = load_inception_weights(e.inception_weights)
+    weights = load_inception_weights(e.inception_weights) if e.fid else None
     data = _resolve(cfg, e.data)  # type: ignore[arg-type]
     if data.kind == "npz_stats":
         raise BadInputError(f"eval.data={e.data} holds statistics; reconstruction needs images")
     _check_pixel_tokenizer(checkpoint.url, e.image_size)
-    reference = load_reference(data, weights.fingerprint, e.stats_cache)
-    task = ReconstructionTask(checkpoint.url, score_originals=reference is None, image_size=e.image_size)
-    merged, report = _run_pool(cfg, task, _chunks_of(data, "data", 0, preview=e.preview_images), weights,
-                               f"rFID step {checkpoint.step}")
-    if reference is None:
-        reference = _stats_of(merged, "reference", data.url)
-        save_reference(reference, data, weights.fingerprint, e.stats_cache)
-    recon = _stats_of(merged, "reconstruction", f"reconstructions by {checkpoint.url}")
-    count = recon.count or 0
-    fid = frechet_distance(recon, reference)
+    reference = load_reference(data, weights.fingerprint, e.stats_cache) if weights else None
+    task = ReconstructionTask(checkpoint.url, score_originals=weights is not None and reference is None,
+                              image_size=e.image_size)
+    merged, report, _ = _run_pool(cfg, task, _chunks_of(data, "data", 0, preview=e.preview_images), weights,
+                                  f"{'rFID' if weights else 'PSNR/SSIM'} step {checkpoint.step}")
+    fid = None
+    if weights is not None:
+        if reference is None:
+            reference = _stats_of(merged, "reference", data.url)
+            save_reference(reference, data, weights.fingerprint, e.stats_cache)
+        fid = frechet_distance(_stats_of(merged, "reconstruction", f"reconstructions by {checkpoint.url}"), reference)
+    count = merged.count("reconstruction")
     n = merged.quality_count
+    usage = codebook_usage_from_counts(torch.from_numpy(merged.code_counts)) if merged.code_counts is not None else {}
     result = {
         "kind": EvalKind.reconstruction.value, "fid": fid, "rfid": fid, "count": count,
         "psnr": merged.psnr_sum / n if n else None, "ssim": merged.ssim_sum / n if n else None,
+        "codebook_usage": usage.get("codebook_used_fraction"), "codebook_perplexity": usage.get("codebook_perplexity"),
         "checkpoint": checkpoint.url, "step": checkpoint.step, "data": data.url,
-        "protocol": _protocol(weights, fid_label(count, "rFID"), reference, count,
+        "protocol": _protocol(weights, fid_label(count, "rFID") if weights else f"PSNR/SSIM-{count}", reference, count,
                               {"images": data.policy, "reconstructions": "tokenizer output clamped to [0, 1], "
                                                                          "rounded to uint8"}),
         "data_problems": merged.report, "images_per_s": report.images_per_s,
@@ -209,44 +222,68 @@ def evaluate_reconstruction(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[di
 
 
 def evaluate_generation(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """gFID and IS of ``eval.num_samples`` class-conditional samples against reference statistics."""
+    """gFID and IS of ``eval.num_samples`` class-conditional samples against reference statistics
+    (unless eval.fid is false), and their GAN-test accuracy when ``eval.gan_test.data`` is set."""
     e = cfg.eval
-    weights = load_inception_weights(e.inception_weights)
+    weights = load_inception_weights(e.inception_weights) if e.fid else None
     tokenizer = e.tokenizer or run_tokenizer(checkpoint.url)
     if not tokenizer:
         raise BadInputError(f"no tokenizer known for {checkpoint.url} (its run's config.yaml names none): "
                             "set eval.tokenizer=<tokenizer export>")
     num_classes = _generator_num_classes(checkpoint.url)
-    if e.num_samples % num_classes:
+    gan_test = classifier_spec(e.gan_test) if e.gan_test.data else None
+    labels = tuple(e.labels) if e.labels else (gan_test.classes if gan_test else ())
+    _check_labels(labels, num_classes, gan_test)
+    if e.num_samples % (len(labels) or num_classes):
         log.warning("eval.num_samples=%d is not a multiple of the %d classes: classes are not equally represented",
-                    e.num_samples, num_classes)
-    ref_set = _resolve(cfg, e.reference or e.data)  # type: ignore[arg-type]
-    reference = load_reference(ref_set, weights.fingerprint, e.stats_cache)
-    chunks: list[Chunk] = [] if reference is not None else _chunks_of(ref_set, "reference", 0)
+                    e.num_samples, len(labels) or num_classes)
+    ref_set = _resolve(cfg, e.reference or e.data) if weights else None  # type: ignore[arg-type]
+    reference = load_reference(ref_set, weights.fingerprint, e.stats_cache) if weights and ref_set else None
+    chunks: list[Chunk] = _chunks_of(ref_set, "reference", 0) if ref_set and reference is None else []
     for start in range(0, e.num_samples, e.chunk_size):
         end = min(start + e.chunk_size, e.num_samples)
         chunks.append(Chunk(len(chunks), "samples", GeneratedSlice(start, end), logits=True,
                             preview=max(0, min(e.preview_images - start, end - start))))
-    task = GenerationTask(checkpoint.url, tokenizer, e.sampling, num_classes, e.seed)
-    merged, report = _run_pool(cfg, task, chunks, weights, f"gFID step {checkpoint.step}")
-    if reference is None:
-        reference = _stats_of(merged, "reference", ref_set.url)
-        save_reference(reference, ref_set, weights.fingerprint, e.stats_cache)
-    samples = _stats_of(merged, "samples", f"samples of {checkpoint.url}")
-    count = samples.count or 0
+    task = GenerationTask(checkpoint.url, tokenizer, e.sampling, num_classes, e.seed, labels=labels,
+                          gan_test=gan_test.url if gan_test else None)
+    merged, report, classifier = _run_pool(cfg, task, chunks, weights,
+                                           f"{'gFID' if weights else 'GAN-test'} step {checkpoint.step}", gan_test)
+    count = merged.count("samples")
     check_sample_count(count, e.num_samples)
-    fid = frechet_distance(samples, reference)
-    is_mean, is_std = _is_of(merged, "samples")
+    fid = is_mean = is_std = None
+    if weights is not None and ref_set is not None:
+        if reference is None:
+            reference = _stats_of(merged, "reference", ref_set.url)
+            save_reference(reference, ref_set, weights.fingerprint, e.stats_cache)
+        fid = frechet_distance(_stats_of(merged, "samples", f"samples of {checkpoint.url}"), reference)
+        is_mean, is_std = _is_of(merged, "samples")
+    label_rule = "labels[index % len(labels)]" if labels else "index % num_classes"
     result = {
         "kind": EvalKind.generation.value, "fid": fid, "is_mean": is_mean, "is_std": is_std, "count": count,
         "checkpoint": checkpoint.url, "tokenizer": tokenizer, "step": checkpoint.step,
-        "protocol": _protocol(weights, fid_label(count), reference, count,
-                              {"samples": "sampler output uint8 [N, H, W, 3]", "reference": ref_set.policy},
+        "protocol": _protocol(weights, fid_label(count) if weights else f"GAN-test-{count}", reference, count,
+                              {"samples": "sampler output uint8 [N, H, W, 3]",
+                               "reference": ref_set.policy if ref_set else "none (eval.fid=false)"},
                               sampler={**dataclasses.asdict(e.sampling), "seed": e.seed, "num_classes": num_classes,
-                                       "labels": "index % num_classes", "seeds": "SeedSequence([seed, index])"}),
+                                       "labels": label_rule, "label_list": list(labels),
+                                       "seeds": "SeedSequence([seed, index])"}),
         "images_per_s": report.images_per_s,
     }
+    if classifier is not None:
+        confusion = merged.confusion if merged.confusion is not None else np.zeros((len(classifier.classes),) * 2, np.int64)
+        result["gan_test"] = gan_test_result(confusion, classifier)
     return result, _previews(merged, ["samples"])
+
+
+def _check_labels(labels: tuple[int, ...], num_classes: int, gan_test: ClassifierSpec | None) -> None:
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise BadInputError(f"eval.labels {bad[:5]} are not classes of the generator (0..{num_classes - 1})")
+    if gan_test is not None:
+        unknown = sorted(set(labels) - set(gan_test.classes))
+        if unknown:
+            raise BadInputError(f"eval.labels {unknown[:5]} are not classes of eval.gan_test.data={gan_test.data} "
+                                f"(its classes: {list(gan_test.classes)[:10]}{'...' if len(gan_test.classes) > 10 else ''})")
 
 
 def _export_config(url: str) -> dict[str, Any]:
@@ -304,6 +341,9 @@ def load_checkpoint(url: str) -> Checkpoint:
 
 
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[np.ndarray]]:
+    from evals.preflight import with_image_size
+
+    cfg = with_image_size(cfg, checkpoint.url)  # eval.image_size=null: the checkpoint's size
     if cfg.eval.kind == EvalKind.reconstruction:
         return evaluate_reconstruction(cfg, checkpoint)
     if cfg.eval.kind == EvalKind.generation:
@@ -317,7 +357,9 @@ def evaluate_and_log(cfg: EvalConfig, checkpoint: Checkpoint | None = None) -> d
     from evals.tracking import log_result
 
     if cfg.eval.kind == EvalKind.folders:
-        result, previews = evaluate_folders(cfg)
+        from evals.preflight import with_image_size
+
+        result, previews = evaluate_folders(with_image_size(cfg))
         eval_of, step, meta = f"folders:{result['input1']} vs {result['input2']}", cfg.eval.step, None
     else:
         assert checkpoint is not None

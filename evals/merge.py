@@ -25,15 +25,18 @@ log = logging.getLogger(__name__)
 class MergedSets:
     sums: dict[str, FeatureSums] = field(default_factory=dict)
     logits: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     previews: dict[str, np.ndarray] = field(default_factory=dict)
     psnr_sum: float = 0.0
     ssim_sum: float = 0.0
     quality_count: int = 0
+    code_counts: np.ndarray | None = None
+    confusion: np.ndarray | None = None
     report: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
 
     def count(self, set_name: str) -> int:
-        return self.sums[set_name].count if set_name in self.sums else 0
+        return self.counts.get(set_name, 0)
 
     def all_logits(self, set_name: str) -> torch.Tensor:
         return torch.cat(self.logits[set_name]) if self.logits.get(set_name) else torch.empty(0, 1008)
@@ -77,9 +80,20 @@ class ResultMerger:
         for name, images in result.previews.items():
             have = m.previews.get(name)
             m.previews[name] = images if have is None else np.concatenate([have, images])
+        for name, count in result.set_counts().items():
+            m.counts[name] = m.counts.get(name, 0) + count
         m.psnr_sum += result.psnr_sum
         m.ssim_sum += result.ssim_sum
         m.quality_count += result.quality_count
+        m.code_counts = _add(m.code_counts, result.code_counts)
+        m.confusion = _add(m.confusion, result.confusion)
         for key, value in result.report.items():
             m.report[key] = m.report.get(key, 0) + value
         m.chunks += 1
+
+
+def _add(total: np.ndarray | None, part: np.ndarray | None) -> np.ndarray | None:
+    """Integer count arrays summed (exact in any order); None stands for "none yet"."""
+    if part is None:
+        return total
+    return part.astype(np.int64) if total is None else total + part

@@ -4,6 +4,8 @@
         merged, run = pool.run(chunks)
 
 Each actor (:class:`evals.worker.EvalWorker`) keeps two chunks queued so it never waits for the driver.
+One-off work that must precede the chunks (training the GAN-test classifier) runs on one of the
+pool's actors through :meth:`EvalPool.call_one`, with the same resources and the same retries.
 When an actor dies (node lost, OOM kill, preemption), its queued chunks go back to the queue, a new
 actor takes its place, and the chunks are redone elsewhere; other failures of a chunk are retried up
 to ``max_retries`` times, except bad input, which fails the job at once with its message. Results
@@ -82,8 +84,9 @@ class EvalPool:
             raise ValueError("num_workers must be >= 1")
         self.settings, self.worker_settings, self.task = settings, worker_settings, task
         # Read (and verify) the weights once on the driver; actors get them from the object store, so
-        # workers on other nodes need no access to the path or the internet.
-        self.weights = weights or load_inception_weights(worker_settings.inception_weights)
+        # workers on other nodes need no access to the path or the internet. No FID: no weights.
+        self.weights = ((weights or load_inception_weights(worker_settings.inception_weights))
+                        if worker_settings.fid else None)
         self._weights_ref = ray.put(self.weights)
         options = {"num_cpus": settings.cpus_per_worker, "num_gpus": 1 if settings.use_gpu else 0,
                    "max_restarts": 0, "max_task_retries": 0}
@@ -129,6 +132,37 @@ class EvalPool:
         self.close()
 
     # --- running ----------------------------------------------------------------------------------
+    def call_one(self, method: str, *args):
+        """``method(*args)`` on one actor (the pool is started if it is not); its return value.
+
+        A dead actor is replaced and the call repeated elsewhere, another failure is retried up to
+        ``max_retries`` times; bad input fails at once with its message (:class:`EvalError`)."""
+        import ray
+
+        if not self.actors:
+            self.start()
+        for attempt in range(self.settings.max_retries + 1):
+            if not self.actors:
+                raise EvalError(f"no workers left to run {method}")
+            actor = self.actors[0]
+            try:
+                return ray.get(getattr(actor, method).remote(*args))
+            except Exception as err:  # noqa: BLE001 - sorted out below
+                cause = _task_cause(err)
+                if isinstance(cause, BadInputError):
+                    raise EvalError(str(cause)) from None
+                if attempt == self.settings.max_retries:
+                    raise EvalError(f"{method} failed {attempt + 1} times; last error: "
+                                    f"{type(cause).__name__}: {cause}") from None
+                if _is_actor_death(err):
+                    self.actors.remove(actor)
+                    ray.kill(actor)
+                    if self._replacements_left > 0:
+                        self._replacements_left -= 1
+                        self.actors.append(self._spawn())
+                log.warning("%s failed (%s: %s); retrying", method, type(cause).__name__, cause)
+        raise AssertionError("unreachable")
+
     def run(self, chunks: Sequence[Chunk], on_result: Callable[[ChunkResult], None] | None = None,
             description: str = "eval") -> tuple[MergedSets, RunReport]:
         """Evaluate every chunk once (chunk ``i`` must have ``index == i``); merged results + report."""

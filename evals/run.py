@@ -8,7 +8,9 @@
 
 Ray: RAY_ADDRESS (e.g. under `ray job submit`), else a local instance. The last line of stdout is
 the result as one JSON object (watch mode: one line per checkpoint, then a summary). Exit codes:
-0 done, 1 the evaluation failed (message on stderr and in the JSON's "error"), 2 config error.
+0 done, 1 the evaluation failed (message on stderr and in the JSON's "error"), 2 config error or an
+input that does not exist (one line on stderr, checked before any weights are loaded or Ray starts).
+eval.image_size=null (the default) takes the checkpoint's image size.
 """
 
 from __future__ import annotations
@@ -32,13 +34,32 @@ def main(argv: list[str] | None = None) -> int:
     from cluster import storage
     from cluster.local import apply_service_env
     from cluster.ray_session import connect_ray
-    from evals.inception import InceptionWeightsError
-    from evals.jobs import checkpoint_to_evaluate, evaluate_and_log
-    from evals.pool import EvalError
+    from evals.preflight import check_inputs, with_image_size
     from evals.sources import BadInputError
-    from evals.watch import watch
+    from trainer.config import EXIT_CONFIG_ERROR, ConfigError
 
     apply_service_env()
+    checkpoint = None
+    try:  # what costs nothing first: before Inception weights, Ray or MLflow (evals/preflight.py)
+        check_inputs(cfg)
+        if cfg.eval.kind == EvalKind.folders:
+            cfg = with_image_size(cfg)
+        elif not cfg.eval.watch:
+            from evals.jobs import checkpoint_to_evaluate
+
+            checkpoint = checkpoint_to_evaluate(cfg)
+    except ConfigError as err:  # cluster.preflight.BadInput: one line naming the key
+        print(str(err), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except (BadInputError, storage.StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    from evals.inception import InceptionWeightsError
+    from evals.jobs import evaluate_and_log
+    from evals.pool import EvalError
+    from evals.watch import watch
+
     try:
         connect_ray()
         if cfg.eval.watch:
@@ -47,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
                        "evaluated": [{"step": r["step"], "fid": r["fid"]} for r in results]}
             print(json.dumps(summary), flush=True)
             return 0
-        checkpoint = None if cfg.eval.kind == EvalKind.folders else checkpoint_to_evaluate(cfg)
         result = evaluate_and_log(cfg, checkpoint)
     except (EvalError, BadInputError, InceptionWeightsError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)

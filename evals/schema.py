@@ -8,13 +8,38 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from trainer.config import ConfigError
 from trainer.sample import SamplingConfig
 from trainer.schema import MLflowConfig
 
 FID_50K = 50_000
+
+
+@dataclass
+class GanTestSettings:
+    """GAN-test accuracy of generated samples (evals/gan_test.py): a small classifier trained once on
+    the real images of a shard set names the class of each sample."""
+
+    # Shard folder written by data_prep/shard.py (train-*.tar, val-*.tar, manifest/). null: no GAN-test.
+    data: Optional[str] = None
+    image_size: int = 32               # classifier input side (shards read at this size; samples resized)
+    width: int = 16                    # channels of the first conv stage (then 2x, 4x)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2.0e-3
+    seed: int = 0
+    cache: Optional[str] = None        # where trained classifiers are kept. null: <data>/gan_test
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "width", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.gan_test.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 8:
+            raise ConfigError("eval.gan_test.image_size", f"must be >= 8, got {self.image_size}")
+        if self.lr <= 0:
+            raise ConfigError("eval.gan_test.lr", f"must be > 0, got {self.lr}")
 
 
 class EvalKind(str, enum.Enum):
@@ -43,11 +68,20 @@ class EvalSettings:
     reference: Optional[str] = None
     # Where computed reference statistics are cached (local or s3://). null: <images location>/fid_stats.
     stats_cache: Optional[str] = None
-    image_size: int = 256              # shards: shorter side resized to this, then center crop
+    # Shards: shorter side resized to this, then center crop. null: what the checkpoint fixes (the
+    # tokenizer's size; for generation the tokenizer that decodes the samples), 256 for folders.
+    image_size: Optional[int] = None
     jpeg_draft: bool = False           # shards: PIL's DCT-domain downscale while decoding (faster, not exact)
     num_samples: int = FID_50K         # generation
     seed: int = 0                      # generation: sample i uses a seed derived from (seed, i)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # generation: classes to sample, sample i gets labels[i % len(labels)]. null: the GAN-test
+    # classifier's classes when eval.gan_test.data is set, else every class of the generator in turn.
+    labels: Optional[List[int]] = None
+    gan_test: GanTestSettings = field(default_factory=GanTestSettings)
+    # FID/IS (rFID) with Inception-v3. false: skip them (no Inception weights needed, e.g. offline):
+    # reconstruction then reports PSNR/SSIM/codebook usage, generation its GAN-test accuracy.
+    fid: bool = True
     # Ray pool
     num_workers: int = 1
     use_gpu: bool = False
@@ -66,7 +100,7 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "batch_size", "chunk_size", "image_size", "num_samples"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0 or self.preview_images < 0 or self.cpus_per_worker <= 0:
             raise ConfigError("eval", "max_retries >= 0, preview_images >= 0 and cpus_per_worker > 0 are required")
@@ -102,6 +136,11 @@ class EvalConfig:
                                                  "(an export directory), or set output_dir=<run dir>")
         if e.kind == EvalKind.reconstruction and not e.data:
             raise ConfigError("eval.data", "is required for eval.kind=reconstruction (validation shards)")
-        if e.kind == EvalKind.generation and not (e.reference or e.data):
+        if e.kind == EvalKind.generation and not e.fid and not e.gan_test.data:
+            raise ConfigError("eval.fid", "is false and eval.gan_test.data is not set: a generation eval with "
+                                          "nothing to compute (set eval.gan_test.data=<shard folder>)")
+        if e.labels is not None and (not e.labels or any(label < 0 for label in e.labels)):
+            raise ConfigError("eval.labels", f"must be null or a non-empty list of class indices, got {e.labels}")
+        if e.kind == EvalKind.generation and e.fid and not (e.reference or e.data):
             raise ConfigError("eval.reference", "is required for eval.kind=generation: an .npz with mu/sigma, "
                                                 "or images to compute reference statistics from (or set eval.data)")

@@ -6,7 +6,12 @@ loss curves and two runs compare side by side in the MLflow UI. Without a reacha
 they go to an eval run linked to it (one per run directory, re-used across checkpoints, tagged with
 the checkpoint). Per evaluation, the result JSON (protocol included) and a sample grid are stored
 as artifacts under ``eval/step_<step>/``; the reference statistics' id and the feature network's
-weights hash are params.
+weights hash are params (when FID was computed), and so is the GAN-test classifier's id.
+
+Metrics: reconstruction ``eval/rfid``, ``eval/psnr``, ``eval/ssim``, ``eval/codebook_usage`` (share of
+the codebook the validation images' tokens use), ``eval/codebook_perplexity``; generation
+``eval/fid``, ``eval/is``, ``eval/gan_test`` (GAN-test accuracy), ``eval/gan_test_real`` (the
+classifier on real validation images: the ceiling), ``eval/gan_test_class/<wnid>`` (per class).
 """
 
 from __future__ import annotations
@@ -31,22 +36,28 @@ TRAINING_RUN_TAG = "titok.training_run_id"
 
 def metrics_of(result: dict[str, Any]) -> dict[str, float]:
     """The MLflow metrics of a result (``eval/fid_50k`` only when exactly 50,000 were scored)."""
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}
     kind = result["kind"]
     if kind == "reconstruction":
-        out["eval/rfid"] = result["fid"]
-        for key in ("psnr", "ssim"):
-            if result.get(key) is not None:
-                out[f"eval/{key}"] = result[key]
-        out["eval/rfid_num_images"] = result["count"]
+        if result.get("fid") is not None:
+            out["eval/rfid"] = result["fid"]
+            out["eval/rfid_num_images"] = result["count"]
+        for key in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
+            out[f"eval/{key}"] = result.get(key)
     else:
-        out["eval/fid"] = result["fid"]
+        out["eval/fid"] = result.get("fid")
         if result.get("is_mean") is not None:
             out["eval/is"] = result["is_mean"]
             out["eval/is_std"] = result["is_std"]
         out["eval/num_samples"] = result["count"]
         if result["protocol"]["metric"] == "FID-50k":
             out["eval/fid_50k"] = result["fid"]
+        gan_test = result.get("gan_test")
+        if gan_test:
+            out["eval/gan_test"] = gan_test["accuracy"]
+            out["eval/gan_test_real"] = gan_test["real_accuracy"]
+            for wnid, accuracy in gan_test["per_class"].items():
+                out[f"eval/gan_test_class/{wnid}"] = accuracy
     return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
 
@@ -69,8 +80,12 @@ def log_result(mlflow_cfg: MLflowConfig, result: dict[str, Any], step: int, meta
     client.log_batch(run_id, metrics=metrics)
     kind = result["kind"]
     protocol = result["protocol"]
-    _log_param(client, run_id, f"eval/{kind}/reference_stats_id", protocol["reference"]["stats_id"])
-    _log_param(client, run_id, f"eval/{kind}/weights_sha256", protocol["weights_sha256"])
+    if protocol.get("reference"):
+        _log_param(client, run_id, f"eval/{kind}/reference_stats_id", protocol["reference"]["stats_id"])
+    if protocol.get("weights_sha256"):
+        _log_param(client, run_id, f"eval/{kind}/weights_sha256", protocol["weights_sha256"])
+    if result.get("gan_test"):
+        _log_param(client, run_id, f"eval/{kind}/gan_test_classifier", result["gan_test"]["classifier"]["id"])
     client.set_tag(run_id, f"eval/{kind}/last_checkpoint", redact(str(result.get("checkpoint") or eval_of)))
     client.set_tag(run_id, f"eval/{kind}/last_metric", protocol["metric"])
     folder = f"eval/step_{step:09d}"

@@ -7,6 +7,10 @@
 * ``mlflow_server``: a real ``mlflow server`` with a SQLite store.
 
 The services are started through ``cluster.local``, the same code users run.
+
+The suite leaves nothing running: every process it starts carries :data:`tests.process_guard.MARKER`
+in its environment, and ``_no_process_outlives_the_session`` (torn down after every other fixture)
+turns any such process still alive at the end into an error, then kills it.
 """
 
 from __future__ import annotations
@@ -32,9 +36,35 @@ os.environ["TITOK_HOME"] = str(Path(os.environ.get("PYTEST_TITOK_HOME", "/tmp"))
 
 sys.path.insert(0, str(REPO_ROOT))
 
+from tests import process_guard  # noqa: E402
+
+# Inherited by every process the suite starts (Ray's workers too), so the end-of-session check finds
+# them even after they were re-parented to init. One value per session: other sessions are not ours.
+SESSION_MARKER_VALUE = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+os.environ[process_guard.MARKER] = SESSION_MARKER_VALUE
+# How long processes that are shutting down get before they count as left running.
+LEFTOVER_GRACE_S = 20.0
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running test (minutes); kept few")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_session():
+    """Set up before every other fixture, so torn down after all of them (Ray, S3, MLflow servers):
+    then nothing the suite started may still run. Leftovers are an error of the last test, listed,
+    and killed so that they do not run on after the suite."""
+    yield
+    from cluster.ray_session import shutdown_ray
+
+    shutdown_ray()  # a Ray instance an in-process entry point started (the trainer tests' launch())
+    left = process_guard.wait_for_exit(SESSION_MARKER_VALUE, LEFTOVER_GRACE_S)
+    if left:
+        process_guard.kill(left)
+        raise AssertionError(f"{len(left)} process(es) started by the test session were still running "
+                             f"{LEFTOVER_GRACE_S:.0f} s after its end (now killed):\n"
+                             + "\n".join(item.line() for item in left))
 
 
 @pytest.fixture(scope="session")
@@ -75,17 +105,18 @@ def store_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One local Ray instance for the session (after the S3 env is set, so workers inherit it)."""
+    """One local Ray instance for the session (after the S3 env is set, so workers inherit it), started
+    and stopped as the entry points do it (cluster/ray_session.py): at the end nothing of it runs on."""
     import ray
 
-    from cluster.ray_session import forwarded_env
+    from cluster.ray_session import connect_ray, shutdown_ray
 
-    if not ray.is_initialized():
-        # More logical CPUs than cores: tests co-schedule trainer workers, controllers and actors.
-        ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", **forwarded_env()}})
+    if "RAY_ADDRESS" in os.environ:  # the session's instance is local, whatever the developer's shell says
+        os.environ.pop("RAY_ADDRESS")
+    # More logical CPUs than cores: tests co-schedule trainer workers, controllers and actors.
+    connect_ray(num_cpus=8)
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")

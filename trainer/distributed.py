@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
+from trainer.partitioning import ModelSizes, zero_limits
 from trainer.schema import DeepSpeedConfig, OptimConfig, Precision, TrainConfigBase
 
 _DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
@@ -63,9 +64,11 @@ def input_dtype(ds: DeepSpeedConfig) -> torch.dtype:
     return compute_dtype(ds)
 
 
-def deepspeed_config(cfg: TrainConfigBase, optim: OptimConfig | None = None, accumulation: int = 1) -> dict:
+def deepspeed_config(cfg: TrainConfigBase, optim: OptimConfig | None = None, sizes: ModelSizes | None = None,
+                     accumulation: int = 1) -> dict:
     """The DeepSpeed config dict for one engine (the ZeRO config is built here and only here).
 
+    ``sizes`` (of the engine's model) resolve the "auto" ZeRO limits (trainer/partitioning.py).
     ``accumulation`` is the number of micro-batches per optimizer step on this worker group
     (``trainer.batch_layout.StepLayout.accumulation``): it follows the worker count, the global batch
     does not. Without ZeRO the optimizer is passed in by :func:`build_engine`, not named here."""
@@ -74,13 +77,18 @@ def deepspeed_config(cfg: TrainConfigBase, optim: OptimConfig | None = None, acc
     use_gpu = tr.use_gpu
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
+        limits = zero_limits(ds, sizes)
         zero.update({
             "overlap_comm": bool(ds.overlap_comm and use_gpu),
             "contiguous_gradients": True,
-            "reduce_bucket_size": ds.reduce_bucket_size,
+            "reduce_bucket_size": limits["reduce_bucket_size"],
         })
         if ds.zero_stage in (1, 2):
-            zero.update({"allgather_bucket_size": ds.allgather_bucket_size, "reduce_scatter": True})
+            zero.update({"allgather_bucket_size": limits["allgather_bucket_size"], "reduce_scatter": True})
+        if ds.zero_stage == 3:
+            zero.update({key: limits[key] for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance",
+                                                      "stage3_prefetch_bucket_size",
+                                                      "stage3_param_persistence_threshold", "sub_group_size")})
         if ds.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
         if ds.offload_param:
@@ -190,7 +198,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfigBase, optim: OptimConfi
 
     optim = optim or cfg.optim
     groups = list(groups) if groups is not None else param_groups(model, optim.weight_decay)
-    config = deepspeed_config(cfg, optim, accumulation)
+    config = deepspeed_config(cfg, optim, ModelSizes.of(model), accumulation)
     optimizer = None
     if cfg.deepspeed.zero_stage == 0:
         fused = bool(optim.fused and cfg.trainer.use_gpu)

@@ -8,14 +8,15 @@ failure restarts). The workers run :func:`trainer.loop.train_worker`.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import time
 from pathlib import Path
 
 from cluster import storage
 from cluster.local import apply_service_env
-from cluster.ray_session import connect_ray
-from trainer.config import to_yaml
+from cluster.ray_session import connect_ray, release_train_controller
+from trainer.config import EXIT_CONFIG_ERROR, ConfigError, to_yaml
 from trainer.schema import TrainConfigBase
 
 
@@ -26,26 +27,29 @@ def absolute_run_dir(cfg: TrainConfigBase) -> str:
 
 def launch(cfg: TrainConfigBase) -> int:
     """Train until ``trainer.max_steps``; resumes from the latest checkpoint under ``output_dir``."""
+    from trainer.preflight import check_training
+    from trainer.resume import previous_run_config, resolve_run
+
+    apply_service_env()
+    cfg.output_dir = absolute_run_dir(cfg)
+    try:
+        # The run's invariants, global batch and worker count, before anything is written
+        # (trainer/resume.py); then inputs and output: before MLflow, Ray or any weights (trainer/preflight.py).
+        notices = resolve_run(cfg, previous_run_config(cfg.output_dir))
+        check_training(cfg)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    for notice in notices:
+        print(f"note: {notice}", flush=True)
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer import tracking
     from trainer.loop import train_worker
 
-    from trainer.config import EXIT_CONFIG_ERROR, ConfigError
-    from trainer.resume import previous_run_config, resolve_run
-
-    apply_service_env()
-    cfg.output_dir = absolute_run_dir(cfg)
     run_dir = cfg.output_dir
-    # The run's invariants, global batch and worker count are checked before anything is written.
-    try:
-        notices = resolve_run(cfg, previous_run_config(run_dir))
-    except ConfigError as err:
-        print(str(err), file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
-    for notice in notices:
-        print(f"note: {notice}", flush=True)
     storage.ensure_bucket(run_dir)
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
 
@@ -84,6 +88,7 @@ def launch(cfg: TrainConfigBase) -> int:
     )
     started = time.time()
     status = "FAILED"
+    sigint_handler = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
         status = "FINISHED"
@@ -93,6 +98,9 @@ def launch(cfg: TrainConfigBase) -> int:
               file=sys.stderr, flush=True)
         return 1
     finally:
+        # fit()'s SIGINT handler holds the run's controller: give SIGINT back so that the controller
+        # and its helpers exit now, not when Ray shuts down (cluster/ray_session.py).
+        release_train_controller(sigint_handler)
         if run_ref is not None:
             tracking.finish_run(run_ref, status)
     print(f"done in {time.time() - started:.0f}s; run dir {run_dir}; last checkpoint "

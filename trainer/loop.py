@@ -48,7 +48,7 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_stage(cfg: TrainConfigBase, ctx: WorkerContext, layout: StepLayout) -> TrainStage:
+def build_stage(cfg: TrainConfigBase, ctx: WorkerContext, layout: StepLayout | None = None) -> TrainStage:
     if cfg.stage == Stage.tokenizer:
         from trainer.stages.tokenizer import TokenizerStage
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from trainer.config import ConfigError, load_config
+from trainer.config import EXIT_CONFIG_ERROR, ConfigError, load_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 DEVICES = ("auto", "cpu", "cuda")
@@ -146,8 +146,53 @@ def reconstruct_folder(cfg: ReconstructConfig) -> dict:
     return summary
 
 
+def check_inputs(cfg: ReconstructConfig) -> list[str]:
+    """Before the weights are loaded (cluster/preflight.py): the checkpoint exists and, when its
+    config.json says so, decodes to pixels; the folder holds images; the output can be written.
+    Returns the images' URLs."""
+    from cluster import preflight, storage
+
+    preflight.require_model("checkpoint", cfg.checkpoint)
+    _require_pixel_tokenizer(cfg.checkpoint)
+    try:
+        urls = list_images(cfg.images)
+    except FileNotFoundError:
+        raise preflight.BadInput("images", f"{cfg.images}: no such folder") from None
+    except storage.StorageError as err:
+        raise preflight.BadInput("images", str(err)) from None
+    if not urls:
+        raise preflight.BadInput("images", f"{cfg.images}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    preflight.require_writable("output", cfg.output)
+    return urls
+
+
+def _require_pixel_tokenizer(checkpoint: str) -> None:
+    """A stage-1 export (proxy codes, no pixels) is refused from its config.json, before its weights load."""
+    from cluster import preflight, storage
+    from trainer.models import tokenizer_config_from_json
+
+    if not (storage.is_remote(checkpoint) or os.path.isdir(checkpoint)):
+        return  # a weight file or a hub id: the config comes with the weights
+    config_url = storage.join(checkpoint, "config.json")
+    if not storage.exists(config_url):
+        return
+    try:
+        config = tokenizer_config_from_json(json.loads(storage.read_text(config_url)))
+    except ValueError as err:
+        raise preflight.BadInput("checkpoint", f"{checkpoint} is not a tokenizer export: {err}") from None
+    if config.is_legacy and not config.finetune_decoder:
+        raise preflight.BadInput("checkpoint", f"{checkpoint} is a stage-1 tokenizer (finetune_decoder=false): it "
+                                               "predicts proxy codes, not pixels; reconstruct with a stage-2 or "
+                                               "published tokenizer")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config("reconstruct", ReconstructConfig, argv, description=__doc__ or "")
+    try:
+        check_inputs(cfg)
+    except ConfigError as err:  # cluster.preflight.BadInput: one line naming the key
+        print(str(err), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         summary = reconstruct_folder(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -4,7 +4,8 @@
     ray job submit -- python trainer/run.py stage=tokenizer experiment=titok_l32 output_dir=s3://b/runs/l32
 
 Re-running the same command (same output_dir) resumes from the latest complete checkpoint.
-`--help` prints the merged config of the chosen stage.
+`--help` prints the merged config of the chosen stage. `--plan [--gpu-mem GiB] [--cpu-mem GiB]` prints
+the capacity plan (parameters, memory per rank, largest micro-batch, checkpoint size) and starts nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def parse_stage(argv: list[str]) -> Stage:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        from trainer.plan import pop_plan_args
+
+        plan_options, argv = pop_plan_args(argv)  # --plan [--gpu-mem G] [--cpu-mem G]: trainer/plan.py
         stage = parse_stage(argv)
     except ConfigError as err:
         if any(a in ("-h", "--help") for a in argv):
@@ -43,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(str(err), file=sys.stderr)
         return EXIT_CONFIG_ERROR
     cfg = load_config(stage.value, STAGE_SCHEMAS[stage], argv, description=__doc__)
+    if plan_options is not None:
+        from trainer.plan import print_plan
+
+        return print_plan(cfg, plan_options)
     from trainer.launch import launch
 
     return launch(cfg)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 import numpy as np
 from omegaconf import MISSING
 
-from trainer.config import ConfigError, load_config
+from trainer.config import EXIT_CONFIG_ERROR, ConfigError, load_config
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ class SamplingConfig:
 
     num_steps: int = 8
     guidance_scale: float = 4.5
-    # "constant" | "linear" | "power-cosine" (the authors' schedules; see ../shared/spec section 4)
+    # "constant" | "linear" | "power-cosine" (the authors' schedules; docs/checkpoint_format.md §4)
     guidance_decay: str = "linear"
     guidance_scale_pow: float = 3.0
     randomize_temperature: float = 9.5
@@ -458,8 +458,26 @@ def sample_to_store(cfg: SampleConfig) -> dict:
     return summary
 
 
+def check_inputs(cfg: SampleConfig) -> None:
+    """Before any weights are loaded: the generator and the tokenizer (named, or the one the
+    generator's run trained on) exist, and the output can be written (cluster/preflight.py)."""
+    from cluster import preflight
+
+    preflight.require_model("generator", cfg.generator)
+    if cfg.tokenizer:
+        preflight.require_model("tokenizer", cfg.tokenizer)
+    elif not preflight.looks_like_hub_id(cfg.generator) and (found := run_tokenizer(cfg.generator)):
+        preflight.require_model("tokenizer", found)
+    preflight.require_writable("output", cfg.output)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config("sample", SampleConfig, argv, description=__doc__ or "")
+    try:
+        check_inputs(cfg)
+    except ConfigError as err:  # cluster.preflight.BadInput: one line naming the key
+        print(str(err), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         summary = sample_to_store(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -173,8 +173,15 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False      # ZeRO-Offload of optimizer state to CPU (stages 1-3)
     offload_param: bool = False          # parameters to CPU (stage 3)
     overlap_comm: bool = True
-    reduce_bucket_size: int = 50_000_000
-    allgather_bucket_size: int = 50_000_000
+    # ZeRO buffer and fetch limits, in elements: "auto" derives each from the model's size (the rules
+    # are in trainer/partitioning.py), an integer fixes it. Buckets apply at stages 1-3, stage3_* at 3.
+    reduce_bucket_size: str = "auto"
+    allgather_bucket_size: str = "auto"
+    stage3_max_live_parameters: str = "auto"
+    stage3_max_reuse_distance: str = "auto"
+    stage3_prefetch_bucket_size: str = "auto"
+    stage3_param_persistence_threshold: str = "auto"
+    sub_group_size: str = "auto"             # ZeRO-3: elements of a rank's partition stepped at once
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -187,6 +194,23 @@ class DeepSpeedConfig:
             # on one worker).
             raise ConfigError("deepspeed.autocast", f"false (16-bit parameters) with deepspeed.precision="
                                                     f"{self.precision.value} needs deepspeed.zero_stage >= 1")
+        from trainer.partitioning import LIMIT_KEYS
+
+        for key in LIMIT_KEYS:
+            self.limit(key)
+
+    def limit(self, key: str) -> Optional[int]:
+        """The integer value of a limit key, None for "auto"."""
+        value = str(getattr(self, key)).strip()
+        if value == "auto":
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if number < 0 or number != int(number):
+            raise ConfigError(f"deepspeed.{key}", f"{value!r} is not valid; valid: auto or a whole number >= 0")
+        return int(number)
 
 
 @dataclass

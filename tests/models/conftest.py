@@ -9,8 +9,9 @@ import torch
 
 from trainer.models import GeneratorConfig, PixelDecoderConfig, TiTokConfig
 
-# ../shared/spec beside the repository (CI checks shared/ out next to the clone).
-SPEC_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "spec"
+# The authors' key/shape listings of their published checkpoints: test data of this repository
+# (what they are: docs/checkpoint_format.md).
+OFFICIAL_KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "official_keys"
 
 # f4 MaskGIT-VQGAN (3 levels: one x2 step between each) with 32 channels, so 32x32 images have an
 # 8x8 code grid and the TiTok patch size is 4.

@@ -1,5 +1,6 @@
-"""Published presets: every key and shape equals the authors' listings in ../shared/spec; output
-shapes of every preset; building L-32 on the meta device allocates nothing."""
+"""Published presets: every key and shape equals the authors' listings (tests/data/official_keys, see
+docs/checkpoint_format.md); output shapes of every preset; building L-32 on the meta device allocates
+nothing."""
 
 from __future__ import annotations
 
@@ -19,17 +20,26 @@ from trainer.models import (
     published_tokenizer_config,
 )
 
-from .conftest import SPEC_DIR
+from .conftest import OFFICIAL_KEYS_DIR
 
 BUILDERS = {"tokenizer": (build_tokenizer, published_tokenizer_config),
             "generator": (build_generator, published_generator_config)}
 
 
 def _spec(name: str) -> dict:
-    path = SPEC_DIR / name
-    if not path.exists():
-        pytest.fail(f"spec listing {path} is missing: tests need ../shared/spec beside the repository")
-    return json.loads(path.read_text())
+    return json.loads((OFFICIAL_KEYS_DIR / name).read_text())
+
+
+def test_every_published_listing_is_checked() -> None:
+    """The listings in the repository are exactly the ones the tests below compare with."""
+    listed = sorted(p.name for p in OFFICIAL_KEYS_DIR.glob("*.json"))
+    expected = sorted([f"official_keys_{kind}_{name}.json" for kind in BUILDERS for name in PUBLISHED_MODELS]
+                      + ["official_keys_summary.json"])
+    assert listed == expected
+    summary = _spec("official_keys_summary.json")
+    assert sorted(summary) == sorted(n for n in expected if n != "official_keys_summary.json")
+    for name, counts in summary.items():
+        assert len(_spec(name)) == counts["num_keys"]
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))

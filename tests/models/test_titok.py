@@ -1,5 +1,6 @@
-"""TiTok and MaskGIT-VQGAN on tiny configs: the forward pass against the spec's formulas and
-torch's reference modules, batch independence, the stage-1/stage-2 outputs, training features."""
+"""TiTok and MaskGIT-VQGAN on tiny configs: the forward pass against the formulas of
+docs/checkpoint_format.md and torch's reference modules, batch independence, the stage-1/stage-2
+outputs, training features."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_vit_block_equals_torch_transformer_layer() -> None:
 
 
 def test_encoder_applies_the_legacy_raw_reshape(tokenizer) -> None:
-    """Spec 3, encoder step 6: the (K, W) latent block is re-read as (W, K) before the 1x1 conv."""
+    """docs/checkpoint_format.md §7.1: the (K, W) latent block is re-read as (W, K) before the 1x1 conv."""
     captured = {}
     tokenizer.encoder.ln_post.register_forward_hook(lambda m, i, out: captured.setdefault("h", out))
     x = images(2)
@@ -58,7 +59,8 @@ def test_encoder_applies_the_legacy_raw_reshape(tokenizer) -> None:
 
 
 def test_decode_is_pixel_decoder_of_the_expected_proxy_embedding(tokenizer) -> None:
-    """Spec 3: softmax over the 1024 (here 64) proxy codes, expectation of the pixel codebook, decoder."""
+    """Checkpoint format §3: softmax over the 1024 (here 64) proxy codes, expectation of the pixel
+    codebook, decoder."""
     latents = tokenizer.quantize.lookup(torch.randint(0, 64, (2, 8)))
     with torch.no_grad():
         logits = tokenizer.decoder(latents)
@@ -84,7 +86,7 @@ def test_patches_to_image_channel_order() -> None:
 
 
 def test_resnet_block_shortcut_quirk() -> None:
-    """Spec 3: GroupNorm(32, eps 1e-6), SiLU, bias-free 3x3 convs; with a channel change the 1x1
+    """Checkpoint format §3: GroupNorm(32, eps 1e-6), SiLU, bias-free 3x3 convs; with a channel change the 1x1
     shortcut is applied to the block output h, not to the input."""
     block = randomize_(ResnetBlock(32, 64), scale=0.2).eval()
     x = torch.randn(2, 32, 5, 5)

@@ -291,8 +291,9 @@ def test_guidance_changes_the_samples(models) -> None:
 
 
 def spec_greedy_tokens(generator, label: int, s: SamplingConfig) -> torch.Tensor:
-    """The spec's generate() written out for one sample at temperature 0 (nothing random): separate
-    cond/uncond passes, the authors' lagging linear scale, argmax draws, row-0 re-mask count."""
+    """The authors' generate() (docs/checkpoint_format.md §4) written out for one sample at temperature 0
+    (nothing random): separate cond/uncond passes, the authors' lagging linear scale, argmax draws,
+    row-0 re-mask count."""
     mask_id, length, steps = generator.mask_token_id, generator.config.image_seq_len, s.num_steps
     ids, labels = torch.full((1, length), mask_id), torch.tensor([label])
     scale = s.guidance_scale if s.guidance_decay == "constant" else 0.0
@@ -322,7 +323,7 @@ def spec_greedy_tokens(generator, label: int, s: SamplingConfig) -> torch.Tensor
     ("ViT", "constant", 3.0, 4), ("ViT", "linear", 4.5, 8), ("UViT", "power-cosine", 6.9, 12),
     ("ViT", "constant", 0.0, 5)])
 def test_greedy_decoding_equals_the_spec_loop(model_type: str, decay: str, scale: float, steps: int) -> None:
-    """At temperature 0 (argmax draws, no noise) the batched sampler and the spec's loop, one sample
+    """At temperature 0 (argmax draws, no noise) the batched sampler and that loop, one sample
     at a time, give the same tokens. Weights of std 0.5 (not 0.02) so that the class matters."""
     from trainer.sample import sample_tokens
 

@@ -5,7 +5,7 @@ directly) and the in-memory form of a checkpoint's `config.json`. Only primitive
 nested dataclasses, so OmegaConf can validate them and they pickle to Ray workers.
 
 Official sizes are presets named as in the authors' configs (`small`/`base`/`large`); the explicit
-`vit_enc_*` / `vit_dec_*` fields override a preset (see ../shared/spec/README.md).
+`vit_enc_*` / `vit_dec_*` fields override a preset (docs/checkpoint_format.md §6).
 
 Every config checks itself when constructed (``__post_init__``), so a bad size fails with a
 :class:`ConfigError` naming the key before any model is built.
@@ -195,7 +195,7 @@ class GeneratorConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
 
-    # Token space shared with the authors' checkpoints (../shared/spec section 4).
+    # Token space shared with the authors' checkpoints (docs/checkpoint_format.md §4).
     @property
     def mask_token_id(self) -> int:
         return self.codebook_size
@@ -210,7 +210,7 @@ class GeneratorConfig:
         return self.codebook_size + self.condition_num_classes + 2
 
 
-# The published TiTok models (../shared/spec/checkpoint_spec.md section 1), for the authors' legacy
+# The published TiTok models (docs/checkpoint_format.md §1), for the authors' legacy
 # single-file checkpoints that come without a config.json.
 _PUBLISHED = {
     "titok_l32": ("large", 32, dict(model_type="ViT", hidden_size=768, num_hidden_layers=24, num_attention_heads=16,

@@ -2,7 +2,7 @@
 
 A model directory (local path or ``s3://`` prefix, or a HuggingFace hub id when online) holds
 ``config.json`` (the authors' nested config: ``model.vq_model``, ``model.generator``,
-``dataset.preprocessing.crop_size``, plus our extension keys from ../shared/spec/README.md) and
+``dataset.preprocessing.crop_size``, plus our extension keys, docs/checkpoint_format.md §6) and
 ``model.safetensors`` or, in older releases, ``pytorch_model.bin``. Single weight files (the
 authors' legacy ``tokenizer_titok_l32.bin`` ...) load too when given a config.
 

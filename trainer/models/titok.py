@@ -3,8 +3,8 @@ latents; a quantizer turns them into K token ids; a ViT decoder reads the K toke
 token per patch and predicts, per patch, logits over the MaskGIT-VQGAN proxy codes (the legacy
 head of the published models), which the MaskGIT-VQGAN pixel decoder turns into pixels.
 
-Forward pass and parameter layout follow ../shared/spec/checkpoint_spec.md (sections 2, 3, 6), so
-the authors' checkpoints load unchanged and give the same tokens and pixels.
+Forward pass and parameter layout follow docs/checkpoint_format.md (§2, §3, §7), so the authors'
+checkpoints load unchanged and give the same tokens and pixels.
 """
 
 from __future__ import annotations

@@ -37,10 +37,12 @@ class TrainStage:
 
     name = "stage"
 
-    def __init__(self, cfg: TrainConfigBase, ctx: WorkerContext, layout: StepLayout) -> None:
+    def __init__(self, cfg: TrainConfigBase, ctx: WorkerContext, layout: StepLayout | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        self.layout = layout
+        # Without a layout (benches, probes that feed batches themselves): one micro-batch per step.
+        self.layout = layout or StepLayout(global_batch=cfg.trainer.batch_size_per_worker * ctx.world_size, streams=1,
+                                           world_size=ctx.world_size, micro_batch=cfg.trainer.batch_size_per_worker)
         self.device = ctx.device
         self.input_dtype = input_dtype(cfg.deepspeed)
         self.engines: dict[str, Any] = {}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from trainer.batch_layout import StepLayout
 from trainer.distributed import WorkerContext, build_engine
+from trainer.partitioning import build_model, copy_state_into
 from trainer.schema import GeneratorTrainConfig
 from trainer.stages.base import StepOutput, TrainStage
 
@@ -67,19 +68,22 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
 class GeneratorStage(TrainStage):
     name = "generator"
 
-    def __init__(self, cfg: GeneratorTrainConfig, ctx: WorkerContext, layout: StepLayout) -> None:
+    def __init__(self, cfg: GeneratorTrainConfig, ctx: WorkerContext, layout: StepLayout | None = None) -> None:
         super().__init__(cfg, ctx, layout)
         from trainer import models
 
         self.cfg: GeneratorTrainConfig = cfg
-        model = models.build_generator(cfg.model)
+        model = build_model(cfg, lambda: models.build_generator(cfg.model))  # partitioned at ZeRO-3
         if cfg.generator.init_from:
             source = models.load_generator(cfg.generator.init_from)
-            model.load_state_dict(source.state_dict())
+            missing, unexpected = copy_state_into(model, source.state_dict())  # also into ZeRO-3 partitions
+            if missing or unexpected:
+                raise ValueError(f"generator.init_from={cfg.generator.init_from} does not fit model: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         if cfg.trainer.activation_checkpointing:
             model.set_grad_checkpointing(True)
         self.mask_id = cfg.model.codebook_size
-        self.engines["model"] = build_engine(model, cfg, accumulation=layout.accumulation)
+        self.engines["model"] = build_engine(model, cfg, accumulation=self.layout.accumulation)
         if cfg.trainer.compile:
             self.engines["model"].compile()
         self.init_ema()
@@ -105,8 +109,14 @@ class GeneratorStage(TrainStage):
         return [self._keys[r] for r in batch.rows.tolist()]
 
     def train_step(self, batch: Any, step: int, weight: float = 1.0) -> StepOutput:
-        tokens, labels = batch.tokens.to(self.device, non_blocking=True), batch.labels.to(self.device, non_blocking=True)
-        generators = sample_generators(self.cfg.seed, batch.positions)
+        """``batch``: a ``TokenBatch``, or ``(tokens, labels)`` (benches: positions then follow the step)."""
+        if isinstance(batch, tuple) and not hasattr(batch, "positions"):
+            tokens, labels = batch
+            positions = torch.arange(tokens.shape[0]) + step * tokens.shape[0]
+        else:
+            tokens, labels, positions = batch.tokens, batch.labels, batch.positions
+        tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        generators = sample_generators(self.cfg.seed, positions)
         masked, mask = random_masking(tokens, self.mask_id, generators)
         drops = torch.stack([torch.rand(1, generator=g) for g in generators]).view(-1)
         drop = (drops < self.cfg.model.class_label_dropout).to(self.device)

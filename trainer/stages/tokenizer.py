@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from trainer.batch_layout import StepLayout
 from trainer.distributed import WorkerContext, build_engine, compute_dtype
+from trainer.partitioning import build_model, copy_state_into, gathered
 from trainer.schema import TokenizerRecipe, TokenizerTrainConfig
 from trainer.stages.base import StepOutput, TrainStage
 from trainer.tracking import image_grid, to_uint8_images
@@ -29,13 +30,14 @@ PREVIEW_IMAGES = 8
 class TokenizerStage(TrainStage):
     name = "tokenizer"
 
-    def __init__(self, cfg: TokenizerTrainConfig, ctx: WorkerContext, layout: StepLayout) -> None:
+    def __init__(self, cfg: TokenizerTrainConfig, ctx: WorkerContext, layout: StepLayout | None = None) -> None:
         super().__init__(cfg, ctx, layout)
         from trainer import models
 
         self.cfg: TokenizerTrainConfig = cfg
         self.recipe = cfg.tokenizer.recipe
-        model = models.build_tokenizer(cfg.model)
+        # At ZeRO-3 built partitioned (zero.Init); the teacher below stays whole on every rank.
+        model = build_model(cfg, lambda: models.build_tokenizer(cfg.model))
         has_pixel_decoder = False
         if cfg.tokenizer.init_from:
             has_pixel_decoder = _load_init_weights(model, cfg.tokenizer.init_from)
@@ -50,14 +52,15 @@ class TokenizerStage(TrainStage):
             self.teacher.requires_grad_(False)
         if self.recipe == TokenizerRecipe.decoder_finetune:
             if self.teacher is not None:
-                model.load_proxy_decoder_from(self.teacher)
+                with gathered([*model.pixel_decoder.parameters(), *model.pixel_quantize.parameters()]):
+                    model.load_proxy_decoder_from(self.teacher)
                 self.teacher = None  # stage 2 needs the teacher only to initialise the pixel decoder
             for frozen in (model.encoder, model.quantize):
                 frozen.requires_grad_(False)
             model.latent_tokens.requires_grad_(False)
         if cfg.trainer.activation_checkpointing:
             model.set_grad_checkpointing(True)
-        self.engines["model"] = build_engine(model, cfg, accumulation=layout.accumulation)
+        self.engines["model"] = build_engine(model, cfg, accumulation=self.layout.accumulation)
         if cfg.trainer.compile:
             self.engines["model"].compile()
         self.pixel_loss = None
@@ -68,7 +71,7 @@ class TokenizerStage(TrainStage):
             if cfg.tokenizer.losses.gan_enabled:
                 discriminator = build_discriminator(cfg.tokenizer.discriminator)
                 self.engines["discriminator"] = build_engine(discriminator, cfg, optim=cfg.tokenizer.discriminator_optim,
-                                                             accumulation=layout.accumulation)
+                                                             accumulation=self.layout.accumulation)
         self.init_ema()
 
     # --- data ---------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def _load_init_weights(model: torch.nn.Module, url: str) -> bool:
     from trainer.models import load_tokenizer
 
     source = load_tokenizer(url)
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    missing, unexpected = copy_state_into(model, source.state_dict())  # also into ZeRO-3 partitions
     allowed_missing = ("pixel_decoder.", "pixel_quantize.")
     bad = [k for k in missing if not k.startswith(allowed_missing)] + list(unexpected)
     if bad:

@@ -1,0 +1,34 @@
+"""bench/gpu_acceptance.py --cpu: the GPU acceptance script end to end at tiny sizes (< 60 s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_acceptance_runs_at_tiny_sizes_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "acceptance.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_acceptance.py"), "--cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["tiny"] is True
+    stage1, generator = results["tokenizer_stage1"], results["generator"]
+    # The micro-batch comes from the capacity plan (capped at 8 for the tiny run) and the step runs.
+    assert 1 <= stage1["micro_batch"] <= 8 and stage1["plan_largest_micro_batch"] >= stage1["micro_batch"]
+    assert stage1["images_per_s"] > 0 and stage1["flops_per_image"] > 0 and stage1["plan_peak"] > 0
+    assert generator["sequences_per_s"] > 0 and generator["flops_per_sequence"] > 0
+    # FlopCounterMode's count of the real step against 6 x (params x tokens) of the transformer layers:
+    # the same order (the count adds attention scores, embeddings and the head).
+    assert 0.5 < generator["flops_per_sequence"] / generator["flops_per_sequence_6nd"] < 4
+    assert results["sampling"]["batch"] == 8 and results["sampling"]["images_per_s"] > 0
+    assert results["inception"]["images_per_s"] > 0 and results["inception"]["weights"] == "random weights"
+    assert results["jpeg_decode"]["images_per_s_per_core"] > 0
+    for name in ("L-32 stage 1", "L-32 generator", "L-32 sampling", "Inception features", "JPEG decode"):
+        assert name in done.stdout, name
