@@ -342,8 +342,7 @@ def preemption_checks(args: argparse.Namespace, work: Path) -> None:
             print(f"round {r + 1}/{args.rounds} preemption check {name:>10}: median step "
                   f"{statistics.median(windows_kept):.3f} s", flush=True)
     every_s, never_s = statistics.median(kept["every step"]), statistics.median(kept["never"])
-    print(f"
-preemption check every step: {every_s:.3f} s/step vs {never_s:.3f} without: "
+    print(f"\npreemption check every step: {every_s:.3f} s/step vs {never_s:.3f} without: "
           f"{100 * (every_s / never_s - 1):+.1f}% ({1000 * (every_s - never_s):+.1f} ms per step)")
 
 
