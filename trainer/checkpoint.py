@@ -158,6 +158,26 @@ def write_export(run_dir: str, step: int, state_dict: dict[str, torch.Tensor], c
     return url
 
 
+def write_export_stream(run_dir: str, step: int, specs: list, tensors, config_json: dict,
+                        meta: dict[str, Any]) -> str:
+    """:func:`write_export` for weights that arrive one tensor at a time (``specs``: name, dtype,
+    shape in order): the file is written as they come, so the writer never holds the whole model.
+    Consumes ``tensors`` to its end in every case (it may drive collectives). Returns the URL."""
+    from trainer.tensor_files import write_safetensors_stream
+
+    url = storage.join(run_dir, EXPORTS, step_name(step))
+    if is_complete(url):
+        for _ in tensors:
+            pass
+        return url
+    with storage.open_write(storage.join(url, "model.safetensors")) as out:
+        write_safetensors_stream(out, specs, tensors, {"format": "pt"})
+    storage.write_text(storage.join(url, "config.json"), json.dumps(config_json, indent=2))
+    storage.write_text(storage.join(url, "meta.json"), json.dumps({"step": step, **meta}, indent=2))
+    mark_complete(url)
+    return url
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-rank pieces of a train-state checkpoint (written into a local dir that Ray Train persists)
 

@@ -8,6 +8,8 @@ then holds only that slice, so the EMA costs no communication per step and 1/wor
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -92,3 +94,48 @@ def gather_full_state_dict(module: torch.nn.Module,
         out[name] = buf.detach().cpu().clone()
     persistent = set(module.state_dict().keys())
     return {k: v for k, v in out.items() if k in persistent}
+
+
+def export_specs(module: torch.nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every entry :func:`iter_full_tensors` yields, in its order: parameters in
+    fp32, persistent buffers as they are (the module's ``state_dict`` order)."""
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    specs = []
+    for name in module.state_dict(keep_vars=True):
+        if name in params:
+            specs.append((name, torch.float32, tuple(getattr(params[name], "ds_shape", params[name].shape))))
+        elif name in buffers:
+            specs.append((name, buffers[name].dtype, tuple(buffers[name].shape)))
+    return specs
+
+
+@torch.no_grad()
+def iter_full_tensors(module: torch.nn.Module, local_values: dict[str, torch.Tensor] | None = None,
+                      dst: int = 0) -> Iterator[torch.Tensor | None]:
+    """The entries of :func:`export_specs`, one at a time: whole on rank ``dst``, None on the others.
+
+    Under ZeRO-3 each parameter's rank-ordered slices are gathered to ``dst`` alone, so no rank ever
+    holds more than one whole parameter (an export of L-32 costs rank ``dst`` one layer, not the model).
+    ``local_values`` replaces the parameters' local views (the EMA shadow). Collective under ZeRO-3:
+    every rank must consume the iterator to its end."""
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    for name, _, _ in export_specs(module):
+        if name in buffers:
+            yield buffers[name].detach().cpu().clone() if rank == dst else None
+            continue
+        param = params[name]
+        local = (local_values[name] if local_values is not None else _local_view(param)).float()
+        if hasattr(param, "ds_tensor"):
+            world = dist.get_world_size()
+            local = local.contiguous()
+            parts = [torch.empty_like(local) for _ in range(world)] if rank == dst else None
+            dist.gather(local, parts, dst=dst)
+            if rank == dst:
+                yield torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu()
+            else:
+                yield None
+        else:
+            yield local.cpu().clone() if rank == dst else None

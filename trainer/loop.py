@@ -332,14 +332,18 @@ class TrainLoop:
             self._export()
 
     def _export(self) -> None:
-        state_dict = self.stage.export_state_dict()  # collective under ZeRO-3
+        specs, tensors = self.stage.export_stream()  # collective under ZeRO-3: every rank drains it
         if self.ctx.is_main:
             meta = {"stage": self.stage.name, "run_name": self.cfg.run_name,
                     "mlflow_run_id": self.run_ref.run_id if self.run_ref else None,
                     "mlflow_tracking_uri": self.run_ref.tracking_uri if self.run_ref else None,
                     "ema": self.stage.ema is not None}
-            url = ckpt.write_export(self.run_dir, self.state.step, state_dict, self.stage.export_config(), meta)
+            url = ckpt.write_export_stream(self.run_dir, self.state.step, specs, tensors, self.stage.export_config(),
+                                           meta)
             self.tracker.set_tag("export", url)
+        else:
+            for _ in tensors:
+                pass
         barrier()
 
     def _handle_preemption(self) -> None:

@@ -35,6 +35,11 @@ def previous_run_config(run_dir: str) -> tuple[dict[str, Any], str] | None:
     if not checkpoints:
         return None
     url = checkpoints[-1][1]
+    state = storage.read_text(storage.join(url, "train_state.json"))
+    if '"global_batch_size"' not in state:
+        raise ConfigError("output_dir", f"{run_dir} holds checkpoints of an older version of this code, which do "
+                                        "not record their global batch and data streams and cannot resume; use a "
+                                        "new output_dir")
     text = storage.read_text(storage.join(url, "config.yaml"))
     return _flat_dict(yaml.safe_load(text) or {}), url
 

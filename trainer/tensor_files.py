@@ -12,9 +12,10 @@ Reading goes through ``safetensors.safe_open`` (memory-mapped), which reads only
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import torch
 
@@ -36,37 +37,58 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy())
 
 
-def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
-                      metadata: dict[str, str] | None = None) -> int:
-    """Write ``(name, tensor)`` pairs as a safetensors file at ``path``; returns the bytes written.
-
-    The file is written to ``path + '.tmp'``, fsynced and renamed, so a reader never sees half of it.
-    ``tensors`` is consumed twice (header, then data), so pass a list, not a generator."""
-    items = list(tensors)
+def safetensors_header(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                       metadata: dict[str, str] | None = None) -> tuple[bytes, int]:
+    """The encoded header (length prefix included) for tensors ``(name, dtype, shape)`` stored in
+    that order, and the number of data bytes that must follow it."""
     header: dict[str, object] = {}
     offset = 0
-    for name, tensor in items:
-        if tensor.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
+    for name, dtype, shape in specs:
+        if dtype not in _DTYPE_NAMES:
+            raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    return len(encoded).to_bytes(8, "little") + encoded, offset
+
+
+def write_safetensors_stream(out: BinaryIO, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                             tensors: Iterable[torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file to ``out`` whose tensors arrive one at a time, in ``specs`` order (e.g.
+    gathered one parameter at a time): only the tensor being written is ever in memory. Returns bytes."""
+    header, size = safetensors_header(specs, metadata)
+    out.write(header)
+    written = 0
+    for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the header says {dtype} {shape}")
+        data = _raw_bytes(tensor)
+        out.write(data)
+        written += len(data)
+    if written != size:
+        raise ValueError(f"wrote {written} data bytes, the header announced {size}")
+    return len(header) + size
+
+
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write ``(name, tensor)`` pairs as a safetensors file at ``path``; returns the bytes written.
+
+    The file is written to ``path + '.tmp'``, fsynced and renamed, so a reader never sees half of it."""
+    items = list(tensors)
+    specs = [(name, t.dtype, tuple(t.shape)) for name, t in items]
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as out:
-        out.write(len(encoded).to_bytes(8, "little"))
-        out.write(encoded)
-        for _, tensor in items:
-            out.write(_raw_bytes(tensor))
+        size = write_safetensors_stream(out, specs, (t for _, t in items), metadata)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
-    return 8 + len(encoded) + offset
+    return size
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

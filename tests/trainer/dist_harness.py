@@ -76,6 +76,11 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600)
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
+    # The spawn context started multiprocessing's resource tracker for these children; stop it with them
+    # (it would otherwise live as long as the test session, and the session's leftover check flags it).
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._stop()
     if errors:
         raise AssertionError("\n".join(errors))
     if len(out) != world_size:

@@ -213,3 +213,27 @@ def test_loading_a_checkpoint_of_another_model_fails_clearly(tmp_path) -> None:
         FragmentReader(tmp_path).read("w", "param", 2, 6)
     meta = json.loads(read_metadata(tmp_path / "rank0.safetensors")["titok_fragments"])
     assert meta == {"w::param::0": ["w", "param", 0, [2, 5]]}
+
+
+def _export_phase(rank: int, world: int, directory: str) -> bool:
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import write_export_stream
+    from trainer.ema import export_specs, iter_full_tensors
+
+    engine, layout, ema = _build(3, "fp32", world, init_seed=0)
+    for step in range(2):
+        _train_step(engine, layout, rank, step, ema)
+    expected = ema.full_state_dict(engine.module)  # all-gathered on every rank: the reference
+    tensors = iter_full_tensors(engine.module, ema.shadow)
+    if rank == 0:
+        url = write_export_stream(directory, 2, export_specs(engine.module), tensors, {"model": "small"}, {})
+        written = load_file(str(Path(url) / "model.safetensors"))
+        return set(written) == set(expected) and all(torch.equal(written[k], v) for k, v in expected.items())
+    assert all(t is None for t in tensors)  # the other ranks only send their slices
+    return True
+
+
+def test_streamed_export_under_zero3_equals_the_gathered_weights(tmp_path) -> None:
+    assert run_ranks(2, _export_phase, str(tmp_path)) == [True, True]
+    assert (tmp_path / "exports" / "step_000000002" / "COMPLETE").exists()

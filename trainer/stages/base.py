@@ -17,7 +17,7 @@ import torch
 from trainer import engine_state
 from trainer.batch_layout import StepLayout
 from trainer.distributed import WorkerContext, input_dtype
-from trainer.ema import ParamEMA, gather_full_state_dict
+from trainer.ema import ParamEMA, export_specs, gather_full_state_dict, iter_full_tensors
 from trainer.schema import TrainConfigBase
 
 
@@ -117,6 +117,14 @@ class TrainStage:
     def grad_norm(self) -> float | None:
         norm = self.main_engine.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def export_stream(self) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], Iterator[torch.Tensor | None]]:
+        """(specs, tensors) of the export: the EMA if enabled, else the live weights, one tensor at a time,
+        whole on rank 0 and None elsewhere (``trainer.ema.iter_full_tensors``). Collective: every rank
+        consumes the iterator."""
+        module = self.main_engine.module
+        shadow = self.ema.shadow if self.ema is not None else None
+        return export_specs(module), iter_full_tensors(module, shadow)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights to export: the EMA if enabled, else the live weights (collective)."""
