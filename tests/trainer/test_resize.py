@@ -57,8 +57,10 @@ def test_run_resized_2_1_2_equals_the_straight_run(zero, tiny_shards, tmp_path, 
     workers = metric_by_step(mlflow_server, mlflow_run_id(resized), "perf/workers")
     assert sorted(straight_loss) == sorted(resized_loss) == list(range(1, 13))
     worst = max(abs(resized_loss[s] - straight_loss[s]) / abs(straight_loss[s]) for s in range(1, 13))
+    restore = metric_by_step(mlflow_server, mlflow_run_id(resized), "perf/restore_s")
     print(f"\nZeRO-{zero}: largest relative loss difference across the resizes: {worst:.2e}; "
-          f"part times (s): {', '.join(f'{w} worker(s) to step {s}: {t:.1f}' for (w, s), t in timings.items())}")
+          f"part times (s): {', '.join(f'{w} worker(s) to step {s}: {t:.1f}' for (w, s), t in timings.items())}; "
+          f"checkpoint load in the resized parts (s): {', '.join(f'{v:.2f}' for _, v in sorted(restore.items()))}")
     assert worst < 1e-4
     assert [workers[s] for s in (6, 7, 9, 10, 12)] == [2.0, 1.0, 1.0, 2.0, 2.0]
 
