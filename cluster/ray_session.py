@@ -31,6 +31,7 @@ import atexit
 import json
 import os
 import signal
+import socket
 import time
 
 # What a worker on another node needs to reach the same services. Credentials are deliberately
@@ -64,6 +65,17 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job_vars}
 
 
+# Ray's variable for the state API's address; it takes precedence over RAY_ADDRESS there.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def _free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def connect_ray(num_cpus: int | None = None) -> float:
     """Connect to ``RAY_ADDRESS`` or start a local Ray; returns the seconds it took (0 if already connected).
 
@@ -78,15 +90,22 @@ def connect_ray(num_cpus: int | None = None) -> float:
     start = time.time()
     address = os.environ.get("RAY_ADDRESS") or "local"
     env_vars = forwarded_env()
-    # The local instance keeps its dashboard (on 127.0.0.1): Ray Train's controller asks the state API
-    # whether it is alive when a run ends, and without it every fit() waits out a 12 s timeout.
-    local = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "num_cpus": num_cpus} \
-        if address == "local" else {}
+    local = {}
+    if address == "local":
+        # The local instance keeps its dashboard (on 127.0.0.1): Ray Train's controller asks the state
+        # API whether it is alive when a run ends, and without it every fit() waits out a 12 s timeout.
+        # Its workers are told where that API is: left to find it themselves (no RAY_ADDRESS), they
+        # look for running GCS processes and give up when the machine has two Ray instances (Ray
+        # Train's PlacementGroupCleaner then dies with a ConnectionError traceback).
+        port = _free_local_port()
+        env_vars = {**env_vars, API_SERVER_ENV: f"http://127.0.0.1:{port}"}
+        local = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                 "num_cpus": num_cpus}
     ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None,
              log_to_driver=True, configure_logging=False, **local)
     if address == "local":
-        global _STARTED_LOCAL
-        _STARTED_LOCAL = True
+        global _STARTED_LOCAL, _LOCAL_API_SERVER
+        _STARTED_LOCAL, _LOCAL_API_SERVER = True, env_vars[API_SERVER_ENV]
         # atexit runs last-registered first: this orderly shutdown comes before Ray's own at-exit one.
         atexit.register(shutdown_ray)
     return time.time() - start
@@ -95,8 +114,10 @@ def connect_ray(num_cpus: int | None = None) -> float:
 # ----------------------------------------------------------------------------------------------
 # Ending a local instance
 
-# Whether this process started the local instance it is connected to (then it also ends it).
+# Whether this process started the local instance it is connected to (then it also ends it),
+# and that instance's state API (the dashboard's HTTP address).
 _STARTED_LOCAL = False
+_LOCAL_API_SERVER: str | None = None
 # Ray Train's actors that poll the GCS on their own until they exit.
 TRAIN_ACTORS = ("TrainController", "PlacementGroupCleaner", "RayTrainWorker", "PreemptionWatcher", "DatasetManager")
 TRAIN_ACTORS_GRACE_S = 15.0   # for a run's actors to exit after fit() (normally well under a second)
@@ -115,7 +136,8 @@ def release_train_controller(previous_sigint_handler) -> None:
 def _alive_train_actors() -> list[str]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, timeout=5, raise_on_missing_output=False)
+    actors = list_actors(address=_LOCAL_API_SERVER, filters=[("state", "=", "ALIVE")], limit=1000, timeout=5,
+                         raise_on_missing_output=False)
     return [a.class_name for a in actors if a.class_name in TRAIN_ACTORS]
 
 
