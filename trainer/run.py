@@ -10,8 +10,14 @@ the capacity plan (parameters, memory per rank, largest micro-batch, checkpoint 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Ray holds back worker lines that differ only in numbers and prints them in 5 s batches as
+# "[repeated Nx across cluster]": exactly the progress lines (step, loss, img/s). Only rank 0 prints
+# them, so there is nothing to deduplicate. Read by Ray at import; a user's own setting wins.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 if __package__ in (None, ""):  # `python trainer/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

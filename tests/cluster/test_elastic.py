@@ -113,7 +113,7 @@ def test_elastic_run_survives_node_loss_grows_back_and_checkpoints_on_preemption
 
     output = tmp_path / "run"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    max_steps = 250
+    max_steps = 400  # long enough that the run is still going when the drain notice comes (~13 steps/s here)
     overrides = ["experiment=demo", f"data.train_shards={tiny_shards}", f"output_dir={output}",
                  "trainer.num_workers=[1,2]", "trainer.cpus_per_worker=2", f"trainer.max_steps={max_steps}",
                  "trainer.log_every=1", "trainer.checkpoint_every=5", "trainer.image_log_every=0",
