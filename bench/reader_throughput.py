@@ -96,7 +96,7 @@ def main() -> int:
 
     root = Path(args.data_dir)
     files, total = make_jpeg_tree(root / "jpegs", args.images, seed=1)
-    originals, resized = root / f"shards-original", root / f"shards-resized-{args.image_size}"
+    originals, resized = root / "shards-original", root / f"shards-resized-{args.image_size}"
     build_shards(root / "jpegs", originals, None, 100)
     build_shards(root / "jpegs", resized, args.image_size, 100)
     paths = sorted((root / "jpegs" / "train").rglob("*.JPEG"))

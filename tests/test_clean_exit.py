@@ -24,7 +24,6 @@ import uuid
 from pathlib import Path
 
 import psutil
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "TITOK_CLEAN_EXIT"

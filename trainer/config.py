@@ -141,7 +141,7 @@ def help_text(entry: str, schema: type, overrides: Sequence[str] = (), descripti
     if description:
         lines += [description.strip(), ""]
     lines += [
-        f"usage: key=value overrides (OmegaConf dotlist), e.g. seed=1 experiment=<name>",
+        "usage: key=value overrides (OmegaConf dotlist), e.g. seed=1 experiment=<name>",
         f"experiments: {', '.join(available_experiments()) or '(none)'}",
         f"merged config for '{entry}' (schema defaults <- configs/{entry}.yaml <- experiment <- overrides):",
         "",

@@ -88,6 +88,14 @@ class Run:
             time.sleep(0.5)
         raise AssertionError(f"no {pattern!r} within {timeout_s} s:\n{self.text()[-6000:]}")
 
+    def restarted_with(self, workers: int, after: int) -> None:
+        """Past console position ``after``, the run restarts with ``workers`` workers, resumes from a
+        checkpoint and takes steps again."""
+        header = self.wait_for(HEADER, 240, after)
+        assert header.group(1) == str(workers), self.text()[after:][-4000:]
+        resumed = self.wait_for(r"resumed from step (\d+)", 60, after)
+        self.wait_for(rf"\[tokenizer\] step {int(resumed.group(1)) + 2}/", 120, header.end())
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -127,21 +135,14 @@ def test_elastic_run_survives_node_loss_grows_back_and_checkpoints_on_preemption
         assert first.group(1) == "2", run.text()[-4000:]
         run.wait_for(r"\[tokenizer\] step 12/", 240, first.end())
 
-        # 1. The second node dies without notice.
+        # 1. The second node dies without notice: the run goes on with one worker.
         elastic_cluster.kill_second()
-        lost = len(run.text())
-        shrunk = run.wait_for(HEADER, 240, lost)
-        assert shrunk.group(1) == "1", run.text()[lost:][-4000:]
-        resumed = run.wait_for(r"resumed from step (\d+)", 60, lost)
-        run.wait_for(rf"\[tokenizer\] step {int(resumed.group(1)) + 2}/", 120, shrunk.end())
+        run.restarted_with(1, after=len(run.text()))
 
         # 2. It comes back: the group grows to two workers again.
-        elastic_cluster.start_second()
         back = len(run.text())
-        grown = run.wait_for(HEADER, 240, back)
-        assert grown.group(1) == "2", run.text()[back:][-4000:]
-        regrown = run.wait_for(r"resumed from step (\d+)", 60, back)
-        run.wait_for(rf"\[tokenizer\] step {int(regrown.group(1)) + 3}/", 120, grown.end())
+        elastic_cluster.start_second()
+        run.restarted_with(2, after=back)
 
         # 3. A preemption notice for the second node.
         drained = len(run.text())

@@ -5,7 +5,6 @@ tokenizer; the FID-50k label only for 50,000."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from PIL import Image
 
 from cluster import storage
 from tests.evals.conftest import eval_config
-from tests.evals.test_checkpoints import IMAGE_SIZE, tiny_tokenizer
+from tests.evals.test_checkpoints import tiny_tokenizer
 
 NUM_CLASSES, NUM_SAMPLES = 3, 12
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field

@@ -6,8 +6,6 @@ import logging
 import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 
