@@ -222,7 +222,7 @@ def probe_step(cfg: TrainConfigBase, mods: StageModules, device: torch.device) -
 
     dtype = input_dtype(cfg.deepspeed)
     if cfg.stage == Stage.generator:
-        from trainer.stages.generator import masked_token_loss, random_masking
+        from trainer.stages.generator import masked_token_loss, random_masking, sample_generators
 
         g = cfg.model
         generator = torch.Generator().manual_seed(0)
@@ -230,7 +230,7 @@ def probe_step(cfg: TrainConfigBase, mods: StageModules, device: torch.device) -
         def generator_step(batch: int, mark: Callable[[], None]) -> None:
             tokens = torch.randint(0, g.codebook_size, (batch, g.image_seq_len), generator=generator).to(device)
             labels = torch.randint(0, g.condition_num_classes, (batch,), generator=generator).to(device)
-            masked, mask = random_masking(tokens, g.codebook_size, generator)
+            masked, mask = random_masking(tokens, g.codebook_size, sample_generators(0, torch.arange(batch)))
             drop = (torch.rand(batch, generator=generator) < g.class_label_dropout).to(device)
             with _autocast(cfg, device):
                 logits = mods.model(masked, labels, drop)

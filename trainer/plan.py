@@ -350,12 +350,12 @@ def make_plan(cfg: TrainConfigBase, *, gpu_mem_gib: float | None = None, cpu_mem
 
 def checkpoint_sizes(cfg: TrainConfigBase, counts: Counts) -> dict[str, int]:
     """Bytes on storage of one train-state checkpoint, all ranks together, by part."""
-    b, stage = param_bytes(cfg), cfg.deepspeed.zero_stage
+    b = param_bytes(cfg)
     out = {}
     for e in counts.engines:
-        model_states = e.params * b + e.buffer_bytes if stage < 3 else e.buffer_bytes
-        optimizer = (8 if (stage == 0 and b == 4) else 12) * e.trainable
-        out[f"{e.name} (DeepSpeed)"] = model_states + optimizer
+        # trainer/engine_state.py: a trainable parameter is stored once as its fp32 value plus Adam's
+        # two fp32 moments, whatever the ZeRO stage; a frozen one in its own precision.
+        out[f"{e.name} (engine state)"] = 12 * e.trainable + b * (e.params - e.trainable)
     if cfg.trainer.ema_decay is not None:
         out["EMA"] = 4 * counts.ema
     return out
