@@ -141,6 +141,7 @@ def _tail(path: str, lines: int = 15) -> str:
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
     """The server answers HTTP (any status below 500; e.g. Ray's dashboard says 401 without a token)."""
     import urllib.error
+    import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
