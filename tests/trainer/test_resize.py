@@ -1,8 +1,8 @@
 """A run resumed on another number of workers is the same run: same losses, same samples per step.
 
 The tokenizer (single-stage L2, no dropout, fp32) trains 12 steps on 2 workers; the same run is also
-trained in three parts: 2 workers to step 6, resumed on 1 worker to step 9, resumed on 2 workers to
-step 12, every part with the same ``trainer.max_steps`` (so the same LR schedule) and stopped with
+trained in three parts: 2 workers to step 6 (under ZeRO-2 in two jobs, a resume at the same size),
+resumed on 1 worker to step 9, resumed on 2 workers to step 12, every part with the same ``trainer.max_steps`` (so the same LR schedule) and stopped with
 ``trainer.stop_at_step``. Real local Ray, DeepSpeed over gloo, MLflow server. The sample keys of
 every step come from the run's own audit (``trainer.record_sample_keys``).
 """
@@ -40,13 +40,16 @@ def _keys_by_step(run_dir: Path) -> dict[int, list[str]]:
 @pytest.mark.parametrize("zero", [2, 3])
 def test_run_resized_2_1_2_equals_the_straight_run(zero, tiny_shards, tmp_path, mlflow_server) -> None:
     common = [f"deepspeed.zero_stage={zero}", "trainer.max_steps=12", "trainer.checkpoint_every=3",
-              "trainer.record_sample_keys=true", "trainer.ema_decay=0.9", f"mlflow.tracking_uri={mlflow_server}",
-              "mlflow.experiment=test-resize"]
+              "trainer.image_log_every=6", "trainer.record_sample_keys=true", "trainer.ema_decay=0.9",
+              f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=test-resize"]
     straight = tmp_path / "straight"
     train_tokenizer(tokenizer_overrides(tiny_shards, straight, *common, "trainer.num_workers=2"))
     resized = tmp_path / "resized"
     timings = {}
-    for workers, stop in ((2, 6), (1, 9), (2, 12)):
+    # Under ZeRO-2 the first 2-worker part is itself two jobs: a resume at the same size, the guarantee
+    # that predates resizing (at every step the straight run's loss, rel 1e-5).
+    parts = ((2, 3), (2, 6), (1, 9), (2, 12)) if zero == 2 else ((2, 6), (1, 9), (2, 12))
+    for workers, stop in parts:
         started = time.perf_counter()
         train_tokenizer(tokenizer_overrides(tiny_shards, resized, *common, f"trainer.num_workers={workers}",
                                             f"trainer.stop_at_step={stop}"))
@@ -63,6 +66,10 @@ def test_run_resized_2_1_2_equals_the_straight_run(zero, tiny_shards, tmp_path, 
           f"checkpoint load in the resized parts (s): {', '.join(f'{v:.2f}' for _, v in sorted(restore.items()))}")
     assert worst < 1e-4
     assert [workers[s] for s in (6, 7, 9, 10, 12)] == [2.0, 1.0, 1.0, 2.0, 2.0]
+    for step in range(1, 7):
+        assert resized_loss[step] == pytest.approx(straight_loss[step], rel=1e-5, abs=1e-7), step
+    if zero == 2:
+        _assert_logged_to_mlflow(mlflow_server, straight, resized, tmp_path)
 
     straight_keys, resized_keys = _keys_by_step(straight), _keys_by_step(resized)
     assert sorted(straight_keys) == sorted(resized_keys) == list(range(1, 13))
@@ -72,6 +79,32 @@ def test_run_resized_2_1_2_equals_the_straight_run(zero, tiny_shards, tmp_path, 
 
     state = json.loads((resized / "checkpoints" / "step_000000009" / "train_state.json").read_text())
     assert state["world_size"] == 1 and state["global_batch_size"] == 8 and state["step"] == 9
+
+
+def _assert_logged_to_mlflow(mlflow_server: str, straight: Path, resumed: Path, tmp_path: Path) -> None:
+    """The straight run's MLflow record: params, metrics, tags, preview artifacts; the resumed jobs
+    kept logging into one run."""
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(mlflow_run_id(straight))
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["deepspeed.zero_stage"] == "2" and params["trainer.num_workers"] == "2"
+    assert params["model.num_latent_tokens"] == "16" and params["tokenizer.recipe"] == "single_stage"
+    for key in ("train/loss", "train/loss_l2", "train/lr", "train/grad_norm", "train/psnr", "train/codebook_usage",
+                "train/codebook_entropy", "perf/images_per_s", "perf/step_time_s", "perf/workers"):
+        assert key in metrics, key
+    assert 0 < metrics["train/codebook_usage"] <= 1
+    loss = metric_by_step(mlflow_server, run.info.run_id, "train/loss")
+    assert loss[12] < 0.6 * loss[1]  # overfitting 16 images: the loss falls
+    assert tags["checkpoint"].endswith("checkpoints/step_000000012") and run.info.status == "FINISHED"
+    previews = [a.path for a in client.list_artifacts(run.info.run_id, "previews")]
+    assert previews == ["previews/step_000000006.png", "previews/step_000000012.png"]
+    local = Path(client.download_artifacts(run.info.run_id, previews[0], str(tmp_path / "dl")))
+    with Image.open(local) as grid:  # 2 rows (inputs, reconstructions) of 32 px images
+        assert grid.size[1] == 2 * (32 + 2) + 2
+    assert len({m.step for m in client.get_metric_history(mlflow_run_id(resumed), "train/loss")}) == 12
 
 
 def _run_cli(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -111,34 +111,25 @@ def test_tiny_generator_overfits_and_logs_a_sample_grid(token_data, tiny_tokeniz
     assert generator.config.image_seq_len == NUM_TOKENS
 
 
-def test_two_workers_zero2_resume_equals_uninterrupted(token_data, tmp_path, mlflow_server) -> None:
-    common = ["trainer.num_workers=2", "deepspeed.zero_stage=2", "trainer.max_steps=10", "trainer.log_every=1",
-              "trainer.checkpoint_every=5"]
+@pytest.mark.slow
+def test_resumed_on_the_same_and_another_worker_count_logs_the_same_losses(token_data, tmp_path,
+                                                                            mlflow_server) -> None:
+    """ZeRO-2, 2 workers, 8 steps straight, against the same run in three jobs: 2 workers to step 3,
+    2 workers again to step 5 (a resume at the same size), 1 worker to step 8 (a resize). Each
+    sample's mask and label drop follow its position in the run's order, not its rank, so without
+    dropout (whose randomness is per rank) every step logs the straight run's loss."""
+    common = ["deepspeed.zero_stage=2", "trainer.max_steps=8", "trainer.log_every=1", "trainer.checkpoint_every=4",
+              "trainer.global_batch_size=16", "model.dropout=0.0", "model.attn_drop=0.0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_generator(_overrides(token_data, straight, mlflow_server, *common))
-    train_generator(_overrides(token_data, resumed, mlflow_server, *common, "trainer.stop_at_step=5"))
-    train_generator(_overrides(token_data, resumed, mlflow_server, *common))
+    train_generator(_overrides(token_data, straight, mlflow_server, *common, "trainer.num_workers=2"))
+    for workers, stop in ((2, 3), (2, 5), (1, 8)):
+        train_generator(_overrides(token_data, resumed, mlflow_server, *common, f"trainer.num_workers={workers}",
+                                   f"trainer.stop_at_step={stop}"))
     a = metric_by_step(mlflow_server, mlflow_run_id(straight), "train/loss")
     b = metric_by_step(mlflow_server, mlflow_run_id(resumed), "train/loss")
-    assert sorted(a) == sorted(b) == list(range(1, 11))
+    workers = metric_by_step(mlflow_server, mlflow_run_id(resumed), "perf/workers")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [workers[s] for s in (3, 4, 5, 6, 8)] == [2.0, 2.0, 2.0, 1.0, 1.0]
     for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step
-
-
-@pytest.mark.slow
-def test_generator_resumed_on_another_worker_count_logs_the_same_losses(token_data, tmp_path, mlflow_server) -> None:
-    """Each sample's mask and label drop follow its position in the run's order, not its rank: without
-    dropout (whose randomness is per rank), 1 worker -> 2 workers gives the straight run's losses."""
-    common = ["deepspeed.zero_stage=1", "trainer.max_steps=8", "trainer.log_every=1", "trainer.checkpoint_every=4",
-              "trainer.global_batch_size=16", "model.dropout=0.0", "model.attn_drop=0.0"]
-    straight, resized = tmp_path / "straight", tmp_path / "resized"
-    train_generator(_overrides(token_data, straight, mlflow_server, *common, "trainer.num_workers=2"))
-    train_generator(_overrides(token_data, resized, mlflow_server, *common, "trainer.num_workers=1",
-                               "trainer.stop_at_step=4"))
-    train_generator(_overrides(token_data, resized, mlflow_server, *common, "trainer.num_workers=2"))
-    a = metric_by_step(mlflow_server, mlflow_run_id(straight), "train/loss")
-    b = metric_by_step(mlflow_server, mlflow_run_id(resized), "train/loss")
-    workers = metric_by_step(mlflow_server, mlflow_run_id(resized), "perf/workers")
-    assert sorted(a) == sorted(b) == list(range(1, 9)) and workers[4] == 1.0 and workers[5] == 2.0
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-4), step
+        # Same size: as before resizes existed (rel 1e-5); across the resize the issue's 1e-4.
+        assert b[step] == pytest.approx(a[step], rel=1e-5 if step <= 5 else 1e-4, abs=1e-7), step
