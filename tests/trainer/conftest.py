@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    """A real world-size-1 gloo process group, as Ray Train would create for one worker; yields the
+    worker's device (``setup_worker``)."""
+    import torch.distributed as dist
+
+    from trainer.distributed import setup_worker
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield setup_worker(use_gpu=False)
 
 
 def tokenizer_overrides(shards: Path, output_dir: Path, *extra: str) -> list[str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,24 +10,11 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.config import build_config
-from trainer.distributed import build_engine, deepspeed_config, param_groups, setup_worker
+from trainer.distributed import build_engine, deepspeed_config, param_groups
 from trainer.ema import ParamEMA, gather_full_state_dict
 from trainer.schema import GeneratorTrainConfig
 
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    """A real world-size-1 process group, as Ray Train would create for one worker."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield setup_worker(use_gpu=False)
 
 
 def _cfg(*overrides: str) -> GeneratorTrainConfig:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -170,20 +169,6 @@ def test_probe_scales_to_a_direct_measurement_at_full_depth(make_cfg, teacher_fi
 # Counts against the real stages
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    from trainer.distributed import setup_worker
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    return setup_worker(use_gpu=False)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +186,7 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("kind", ["proxy_codes", "decoder_finetune", "generator_vit", "generator_uvit"])
-def test_counts_equal_the_models_the_stages_build(kind, process_group, teacher_file, vgg16_file) -> None:
+def test_counts_equal_the_models_the_stages_build(kind, single_process_group, teacher_file, vgg16_file) -> None:
     from trainer.loop import build_stage
 
     if kind == "proxy_codes":
@@ -214,7 +199,7 @@ def test_counts_equal_the_models_the_stages_build(kind, process_group, teacher_f
     else:
         cfg = generator_cfg(*TINY_GENERATOR, f"model.model_type={'UViT' if kind == 'generator_uvit' else 'ViT'}")
     counts = count(cfg)
-    stage = build_stage(cfg, process_group)
+    stage = build_stage(cfg, single_process_group)
     described = stage.describe()
     assert {e.name: {"params": e.params, "trainable": e.trainable} for e in counts.engines} == described
     assert counts.ema == sum(t.numel() for t in stage.ema.shadow.values())
