@@ -136,6 +136,23 @@ def release(*objects: Any) -> None:
 # Sections
 
 
+def time_train_steps(stage, inputs: tuple, batch: int, ctx, args) -> tuple[float, int, float, float | None]:
+    """Train steps of ``stage`` on the fixed ``inputs`` (a micro-batch of ``batch``): (samples/s, steps
+    timed, FLOPs per sample, MFU or None where the device's peak is unknown)."""
+    counter = {"step": 0}
+
+    def step() -> int:
+        stage.train_step(inputs, counter["step"])
+        stage.after_optimizer_step()
+        counter["step"] += 1
+        return batch
+
+    per_s, steps = rate(step, Clock(ctx.device), args.warmup, args.seconds)
+    flops = count_flops(step) / batch
+    device_peak = peak_flops(ctx.device)
+    return per_s, steps, flops, (flops * per_s / device_peak if device_peak else None)
+
+
 def tokenizer_section(args, ctx, work: Path) -> dict:
     """L-32 stage 1, bf16 autocast, ZeRO-2, at the plan's largest micro-batch."""
     from trainer import models
@@ -164,21 +181,9 @@ def tokenizer_section(args, ctx, work: Path) -> dict:
     size = cfg.model.image_size
     images = torch.rand(batch, 3, size, size, device=ctx.device)
     labels = torch.zeros(batch, dtype=torch.long, device=ctx.device)
-    counter = {"step": 0}
-
-    def step() -> int:
-        stage.train_step((images, labels), counter["step"])
-        stage.after_optimizer_step()
-        counter["step"] += 1
-        return batch
-
-    clock = Clock(ctx.device)
-    images_per_s, steps = rate(step, clock, args.warmup, args.seconds)
-    flops = count_flops(step) / batch
-    peak = peak_memory(ctx.device)
-    device_peak = peak_flops(ctx.device)
+    images_per_s, steps, flops, mfu = time_train_steps(stage, (images, labels), batch, ctx, args)
     result = {"micro_batch": batch, "images_per_s": images_per_s, "steps_timed": steps, "flops_per_image": flops,
-              "mfu": flops * images_per_s / device_peak if device_peak else None, "peak_allocated": peak,
+              "mfu": mfu, "peak_allocated": peak_memory(ctx.device),
               "plan_peak": plan.train_peak, "plan_largest_micro_batch": plan.largest_micro_batch(),
               "params_trainable": plan.counts.trainable}
     release(stage)
@@ -205,21 +210,9 @@ def generator_section(args, ctx) -> dict:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, m.codebook_size, (batch, m.image_seq_len), generator=generator).to(ctx.device)
     labels = torch.randint(0, m.condition_num_classes, (batch,), generator=generator).to(ctx.device)
-    counter = {"step": 0}
-
-    def step() -> int:
-        stage.train_step((tokens, labels), counter["step"])
-        stage.after_optimizer_step()
-        counter["step"] += 1
-        return batch
-
-    clock = Clock(ctx.device)
-    sequences_per_s, steps = rate(step, clock, args.warmup, args.seconds)
-    flops = count_flops(step) / batch
-    device_peak = peak_flops(ctx.device)
+    sequences_per_s, steps, flops, mfu = time_train_steps(stage, (tokens, labels), batch, ctx, args)
     result = {"micro_batch": batch, "sequences_per_s": sequences_per_s, "steps_timed": steps,
-              "flops_per_sequence": flops, "flops_per_sequence_6nd": stage.flops_per_sample(),
-              "mfu": flops * sequences_per_s / device_peak if device_peak else None,
+              "flops_per_sequence": flops, "flops_per_sequence_6nd": stage.flops_per_sample(), "mfu": mfu,
               "peak_allocated": peak_memory(ctx.device), "plan_peak": plan.train_peak,
               "params_trainable": plan.counts.trainable}
     release(stage)
