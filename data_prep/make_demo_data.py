@@ -65,26 +65,31 @@ def _star(cx: float, cy: float, r_out: float, r_in: float, angle: float, points:
 # One painter per class
 
 
+def _square(w: int, h: int) -> tuple[float, float, float]:
+    """Centre and side of the central square: what a center crop keeps, so the demo's objects are
+    placed relative to it."""
+    return w / 2, h / 2, min(w, h)
+
+
 def _paint_orange(rng, w, h):
     img = _gradient(rng, w, h, (150, 200, 245), (210, 235, 255))
     draw = ImageDraw.Draw(img)
-    side = min(w, h)
-    for _ in range(int(rng.integers(1, 4))):
-        r = side * rng.uniform(0.14, 0.28)
-        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_jitter(rng, (245, 140, 20), 15),
-                     outline=_jitter(rng, (200, 95, 10), 10), width=max(1, int(r / 8)))
-        draw.ellipse((cx - r * 0.15, cy - r * 1.15, cx + r * 0.35, cy - r * 0.85), fill=(40, 140, 40))
+    x0, y0, side = _square(w, h)
+    r = side * rng.uniform(0.28, 0.36)
+    cx, cy = x0 + side * rng.uniform(-0.08, 0.08), y0 + side * rng.uniform(-0.04, 0.1)
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_jitter(rng, (245, 140, 20), 15),
+                 outline=_jitter(rng, (200, 95, 10), 10), width=max(1, int(r / 8)))
+    draw.ellipse((cx - r * 0.2, cy - r * 1.25, cx + r * 0.4, cy - r * 0.85), fill=(40, 140, 40))
     return img
 
 
 def _paint_starfish(rng, w, h):
     img = _gradient(rng, w, h, (225, 200, 150), (200, 170, 120), noise=12)
     draw = ImageDraw.Draw(img)
-    side = min(w, h)
-    r = side * rng.uniform(0.3, 0.45)
-    cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
-    draw.polygon(_star(cx, cy, r, r * rng.uniform(0.35, 0.5), rng.uniform(0, 2 * math.pi)),
+    x0, y0, side = _square(w, h)
+    r = side * rng.uniform(0.36, 0.46)
+    cx, cy = x0 + side * rng.uniform(-0.06, 0.06), y0 + side * rng.uniform(-0.06, 0.06)
+    draw.polygon(_star(cx, cy, r, r * rng.uniform(0.4, 0.5), rng.uniform(0, 2 * math.pi)),
                  fill=_jitter(rng, (230, 70, 40)), outline=(120, 30, 20))
     return img
 
@@ -92,42 +97,45 @@ def _paint_starfish(rng, w, h):
 def _paint_volcano(rng, w, h):
     img = _gradient(rng, w, h, (250, 170, 110), (120, 160, 220))
     draw = ImageDraw.Draw(img)
-    peak_x, peak_y = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.25, 0.45)
-    half = w * rng.uniform(0.45, 0.7)
-    draw.polygon([(peak_x - half, h), (peak_x - w * 0.06, peak_y), (peak_x + w * 0.06, peak_y), (peak_x + half, h)],
+    x0, y0, side = _square(w, h)
+    peak_x, peak_y = x0 + side * rng.uniform(-0.1, 0.1), y0 - side * rng.uniform(0.1, 0.2)
+    half, top = side * rng.uniform(0.5, 0.65), side * 0.08
+    draw.polygon([(peak_x - half, h), (peak_x - top, peak_y), (peak_x + top, peak_y), (peak_x + half, h)],
                  fill=_jitter(rng, (90, 55, 35), 15))
-    draw.polygon([(peak_x - w * 0.06, peak_y), (peak_x + w * 0.06, peak_y), (peak_x, peak_y + h * 0.2)],
+    draw.polygon([(peak_x - top, peak_y), (peak_x + top, peak_y), (peak_x, peak_y + side * 0.2)],
                  fill=_jitter(rng, (240, 60, 20), 15))
-    for k in range(int(rng.integers(2, 5))):
-        r = min(w, h) * rng.uniform(0.05, 0.1)
-        sx, sy = peak_x + rng.uniform(-0.1, 0.1) * w, peak_y - (k + 1) * r * 1.3
-        draw.ellipse((sx - r, sy - r, sx + r, sy + r), fill=_jitter(rng, (130, 130, 130), 20))
+    r = side * rng.uniform(0.09, 0.12)
+    draw.ellipse((peak_x - r, peak_y - 2.2 * r, peak_x + r, peak_y - 0.2 * r), fill=_jitter(rng, (130, 130, 130), 20))
     return img
 
 
 def _paint_chainlink(rng, w, h):
     img = _gradient(rng, w, h, (30, 80, 40), (20, 60, 30), noise=10)
     draw = ImageDraw.Draw(img)
-    step = int(rng.integers(7, 14))
-    width = int(rng.integers(1, 3))
+    x0, y0, side = _square(w, h)
+    # A coarse diamond lattice whose lines cross at the centre: about three meshes across the crop.
+    step = side * rng.uniform(0.3, 0.36)
+    width = max(2, int(side * 0.06))
     colour = _jitter(rng, (185, 185, 190), 15)
-    offset = int(rng.integers(0, step))
-    for x in range(-h + offset, w + h, step):
-        draw.line((x, 0, x + h, h), fill=colour, width=width)
-        draw.line((x + h, 0, x, h), fill=colour, width=width)
+    reach = int((w + h) / step) + 1
+    for k in range(-reach, reach + 1):  # lines of slope +1 and -1 through (x0 + k * step, y0)
+        x = x0 + k * step
+        draw.line((x - y0, 0, x + h - y0, h), fill=colour, width=width)
+        draw.line((x + y0, 0, x - (h - y0), h), fill=colour, width=width)
     return img
 
 
 def _paint_seashore(rng, w, h):
     img = Image.new("RGB", (w, h))
     draw = ImageDraw.Draw(img)
-    horizon = h * rng.uniform(0.3, 0.45)
-    shore = h * rng.uniform(0.6, 0.75)
+    x0, y0, side = _square(w, h)
+    horizon = y0 - side * rng.uniform(0.1, 0.2)
+    shore = y0 + side * rng.uniform(0.15, 0.25)
     img.paste(_gradient(rng, w, h, (120, 180, 240), (190, 225, 250)).crop((0, 0, w, int(horizon) + 1)), (0, 0))
     draw.rectangle((0, horizon, w, shore), fill=_jitter(rng, (20, 70, 150), 15))
-    for k in range(int(rng.integers(2, 5))):
-        y = horizon + (shore - horizon) * rng.uniform(0.2, 0.9)
-        draw.line([(x, y + 2 * math.sin(x / 5 + k)) for x in range(0, w, 3)], fill=(235, 240, 250), width=1)
+    y = (horizon + shore) / 2 + side * rng.uniform(-0.05, 0.05)
+    draw.line([(x, y + side * 0.03 * math.sin(x / side * 12)) for x in range(0, w, 2)], fill=(235, 240, 250),
+              width=max(2, int(side * 0.04)))
     draw.rectangle((0, shore, w, h), fill=_jitter(rng, (230, 205, 150), 15))
     return img
 
@@ -135,13 +143,14 @@ def _paint_seashore(rng, w, h):
 def _paint_jellyfish(rng, w, h):
     img = _gradient(rng, w, h, (10, 20, 60), (5, 10, 35), noise=5)
     draw = ImageDraw.Draw(img)
-    cx, top = w * rng.uniform(0.3, 0.7), h * rng.uniform(0.1, 0.3)
-    rx, ry = w * rng.uniform(0.18, 0.3), h * rng.uniform(0.12, 0.2)
+    x0, y0, side = _square(w, h)
+    cx, top = x0 + side * rng.uniform(-0.08, 0.08), y0 - side * rng.uniform(0.3, 0.4)
+    rx, ry = side * rng.uniform(0.28, 0.34), side * rng.uniform(0.18, 0.24)
     colour = _jitter(rng, (200, 90, 220), 25)
-    for k in range(int(rng.integers(4, 8))):
-        x0 = cx - rx * 0.8 + k * (1.6 * rx / 7)
-        pts = [(x0 + 3 * math.sin(t / 4 + k), top + ry + t) for t in range(0, int(h * 0.5), 2)]
-        draw.line(pts, fill=colour, width=1)
+    for k in range(4):
+        tx = cx - rx * 0.6 + k * (1.2 * rx / 3)
+        pts = [(tx + side * 0.03 * math.sin(t / side * 14 + k), top + ry + t) for t in range(0, int(side * 0.55), 2)]
+        draw.line(pts, fill=colour, width=max(2, int(side * 0.04)))
     draw.pieslice((cx - rx, top, cx + rx, top + 2 * ry), 180, 360, fill=colour)
     return img
 
@@ -253,6 +262,15 @@ def _quirk_bytes(kind: str, image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def _image_size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
+    """(w, h): the shorter side from [min_size, max_size], the longer one up to 4:3 (most ImageNet
+    photos), both within the range. Wider ratios would let the training crops (shorter side to the
+    model's size, a random square of it) cut off the centred objects that evaluation's center crop keeps."""
+    short = int(rng.integers(min_size, max_size + 1))
+    long = min(max_size, int(round(short * rng.uniform(1.0, 4.0 / 3.0))))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
 def make_demo_tree(output: str | Path, classes: int = 6, train_per_class: int = 40, val_per_class: int = 8,
                    min_size: int = 64, max_size: int = 160, seed: int = 0, quirks: bool = True) -> DemoTree:
     """Write ``train/<wnid>/<wnid>_<i>.JPEG`` and ``val/<wnid>/...`` under ``output``.
@@ -270,7 +288,7 @@ def make_demo_tree(output: str | Path, classes: int = 6, train_per_class: int = 
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 rng = np.random.default_rng([seed, _SPLIT_IDS[split], c, i])
-                w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+                w, h = _image_size(rng, min_size, max_size)
                 image = draw_image(c, rng, w, h)
                 rel = f"{split}/{cls.wnid}/{cls.wnid}_{i}.JPEG"
                 (root / rel).write_bytes(encode_jpeg(image, quality=int(rng.integers(80, 96))))
@@ -280,7 +298,7 @@ def make_demo_tree(output: str | Path, classes: int = 6, train_per_class: int = 
             c = k % classes
             cls = DEMO_CLASSES[c]
             rng = np.random.default_rng([seed, 7, c, k])
-            w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+            w, h = _image_size(rng, min_size, max_size)
             rel = f"train/{cls.wnid}/{cls.wnid}_{train_per_class + k}.JPEG"
             (root / rel).write_bytes(_quirk_bytes(kind, draw_image(c, rng, w, h)))
             tree.files.append(DemoFile(rel, "train", cls.wnid, kind))
