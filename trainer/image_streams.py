@@ -98,8 +98,21 @@ def tar_samples(url: str, want) -> Iterator[tuple[int, str, dict[str, bytes]]]:
                 keep = want(index)
             if keep:
                 files[ext.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]
+        _require_end_of_archive(url, tar)
     if key is not None:
         yield index, key, files
+
+
+def _require_end_of_archive(url: str, tar: tarfile.TarFile) -> None:
+    """Raise unless iteration stopped at a whole (zero) header block: the end-of-archive marker.
+
+    tarfile ends iteration without an error when the file stops inside a header block or exactly
+    between members, so a shard cut there would pass for a shorter, complete one. Its last read was
+    that header block: ``tell() - offset`` bytes of it were there."""
+    header_bytes = tar.fileobj.tell() - tar.offset  # type: ignore[union-attr]
+    if header_bytes < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"{url}: truncated at byte {tar.offset + header_bytes} (no end-of-archive block "
+                                f"after its last complete member)")
 
 
 def image_bytes_of(files: dict[str, bytes]) -> bytes | None:
