@@ -97,7 +97,9 @@ def _assert_logged_to_mlflow(mlflow_server: str, straight: Path, resumed: Path, 
         assert key in metrics, key
     assert 0 < metrics["train/codebook_usage"] <= 1
     loss = metric_by_step(mlflow_server, run.info.run_id, "train/loss")
-    assert loss[12] < 0.6 * loss[1]  # overfitting 16 images: the loss falls
+    # Overfitting 16 images, the loss falls: to 0.60 of step 1's at the demo's lr 5e-4 (a model that
+    # does not learn stays near 1).
+    assert loss[12] < 0.75 * loss[1]
     assert tags["checkpoint"].endswith("checkpoints/step_000000012") and run.info.status == "FINISHED"
     previews = [a.path for a in client.list_artifacts(run.info.run_id, "previews")]
     assert previews == ["previews/step_000000006.png", "previews/step_000000012.png"]
