@@ -161,8 +161,9 @@ def _build_val_shards(tree: Path, output: Path) -> None:
 
 
 def _common(ws: int = 2) -> list[str]:
-    return ["trainer.use_gpu=false", f"trainer.num_workers={ws}", "trainer.cpus_per_worker=1",
-            "deepspeed.precision=fp32",
+    # The published global batch (256 / 2048) would be 128+ accumulated micro-batches per step here.
+    return ["trainer.use_gpu=false", f"trainer.num_workers={ws}", f"trainer.global_batch_size={ws}",
+            "trainer.cpus_per_worker=1", "deepspeed.precision=fp32",
             "trainer.batch_size_per_worker=1", "trainer.log_every=1", "trainer.image_log_every=0",
             "trainer.keep_checkpoints=1", "optim.warmup_steps=1", "mlflow.enabled=false"]
 

@@ -179,19 +179,38 @@ def _inception_available(source: Optional[str]) -> bool:
     return cached.exists()
 
 
-def _quality(paths: "Paths") -> dict:
-    """The evaluation metrics of both runs as MLflow holds them (what the compare page shows)."""
+def _mlflow_run(run_dir: str):
+    """(MlflowClient, run id) of the MLflow run a training run recorded in ``run_dir``, or None."""
     from mlflow.tracking import MlflowClient
 
     from cluster import storage
     from trainer.tracking import RUN_FILE, RunRef
 
+    record = storage.join(run_dir, RUN_FILE)
+    if not storage.exists(record):
+        return None
+    ref = RunRef(**json.loads(storage.read_text(record)))
+    return MlflowClient(ref.tracking_uri), ref.run_id
+
+
+def _quality(paths: "Paths") -> dict:
+    """The evaluation metrics of both runs as MLflow holds them (what the compare page shows)."""
     out: dict = {}
     for stage, run_dir in (("tokenizer", paths.tokenizer_run), ("generator", paths.generator_run)):
-        ref = RunRef(**json.loads(storage.read_text(storage.join(run_dir, RUN_FILE))))
-        metrics = MlflowClient(ref.tracking_uri).get_run(ref.run_id).data.metrics
+        client, run_id = _mlflow_run(run_dir)
+        metrics = client.get_run(run_id).data.metrics
         out[stage] = {k: v for k, v in sorted(metrics.items()) if k.startswith("eval/")}
     return out
+
+
+def _evaluated(run_dir: str, step: int, keys: list[str]) -> bool:
+    """Whether the run's MLflow record already has every metric of ``keys`` at ``step`` (its final
+    export's): a re-run of the demo then does not evaluate it again."""
+    found = _mlflow_run(run_dir)
+    if found is None:
+        return False
+    client, run_id = found
+    return all(any(m.step == step for m in client.get_metric_history(run_id, key)) for key in keys)
 
 
 def _print_quality(quality: dict) -> None:
@@ -303,14 +322,20 @@ def run_demo(cfg: DemoConfig) -> dict:
     eval_args = ["experiment=demo", f"eval.fid={str(fid).lower()}", f"eval.data={_val_shards(paths)}",
                  *([f"eval.inception_weights={cfg.inception_weights}"] if cfg.inception_weights else []),
                  *mlflow_args, f"eval.progress={str(cfg.progress).lower()}"]
-    timed("eval_tokenizer", lambda: _run("python evals/run.py", eval_run.main, [
-        "eval.kind=reconstruction", f"eval.checkpoint={tokenizer_export}", *eval_args]))
-    # The classifier is trained on the training shards once (cached beside them); the samples are
-    # drawn the way step 6 draws them (labels in turn, seeds from the index, the demo's sampling).
-    timed("eval_generator", lambda: _run("python evals/run.py", eval_run.main, [
-        "eval.kind=generation", f"eval.checkpoint={generator_export}", f"eval.gan_test.data={paths.shards}",
-        f"eval.num_samples={cfg.gan_test_samples_per_class * len(labels)}",
-        f"eval.labels=[{','.join(map(str, labels))}]", *eval_args]))
+    if _evaluated(paths.tokenizer_run, tokenizer_steps, ["eval/psnr", *(["eval/rfid"] if fid else [])]):
+        print("tokenizer evaluation: logged earlier for this export, skipped", flush=True)
+    else:
+        timed("eval_tokenizer", lambda: _run("python evals/run.py", eval_run.main, [
+            "eval.kind=reconstruction", f"eval.checkpoint={tokenizer_export}", *eval_args]))
+    if _evaluated(paths.generator_run, generator_steps, ["eval/gan_test", *(["eval/fid"] if fid else [])]):
+        print("generator evaluation: logged earlier for this export, skipped", flush=True)
+    else:
+        # The classifier is trained on the training shards once (cached beside them); the samples are
+        # drawn the way step 6 draws them (labels in turn, seeds from the index, the demo's sampling).
+        timed("eval_generator", lambda: _run("python evals/run.py", eval_run.main, [
+            "eval.kind=generation", f"eval.checkpoint={generator_export}", f"eval.gan_test.data={paths.shards}",
+            f"eval.num_samples={cfg.gan_test_samples_per_class * len(labels)}",
+            f"eval.labels=[{','.join(map(str, labels))}]", *eval_args]))
     evaluation = _quality(paths)
 
     summary = {"wall_s": round(time.time() - started, 1), "steps_s": timings, "store": store,

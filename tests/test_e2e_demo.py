@@ -101,4 +101,6 @@ def test_demo_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest
     assert "(0 written, 1 already complete)" in out  # shards and token shards re-checked, none rewritten
     assert sorted((store / "runs").glob("*/checkpoints/step_*/COMPLETE")) == checkpoints
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
-    assert "sample" not in again["steps_s"]
+    assert "sample" not in again["steps_s"] and "eval_tokenizer" not in again["steps_s"]
+    assert "generator evaluation: logged earlier for this export, skipped" in out
+    assert again["evaluation"] == summary["evaluation"]

@@ -295,6 +295,9 @@ def save_engine(engine, directory: Path, rank: int, extra_views: Iterable[StateV
     """Write this rank's fragments of ``engine`` (plus ``extra_views``, e.g. the EMA) into ``directory``;
     rank 0 also writes ``engine.json``. Every rank of the engine's group must call it (no collective)."""
     directory.mkdir(parents=True, exist_ok=True)
+    # An engine that has not stepped yet (stage 2's discriminator before its start step) has no Adam
+    # state; the zeros torch would create at its first step are what its checkpoint holds.
+    ensure_optimizer_state(engine)
     views = list(engine_views(engine, rank)) + list(extra_views)
     write_fragments(directory / f"rank{rank}.safetensors", views)
     if rank == 0:
