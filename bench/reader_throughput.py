@@ -28,22 +28,22 @@ from PIL import Image  # noqa: E402
 from shard_throughput import make_jpeg_tree  # noqa: E402
 
 
-def build_shards(tree: Path, output: Path, resize: int | None, samples_per_shard: int) -> None:
-    """The shard.py task body, run in-process (the reader is what is measured here)."""
+def build_shards(tree: Path, output: Path, resize: int | None, samples_per_shard: int, split: str = "train") -> None:
+    """The shard.py task body for one split, run in-process (the reader is what is measured here)."""
     from data_prep import manifest
     from data_prep.shard_plan import fingerprint, plan_shards
     from data_prep.shard_writer import ShardOptions, ensure_shard
     from data_prep.sources import list_split
 
-    if (output / "manifest" / "train_shards.parquet").exists():
+    if (output / "manifest" / f"{split}_shards.parquet").exists():
         return
-    listing = list_split(str(tree), "train")
-    options = ShardOptions(output=str(output), split="train", fingerprint=fingerprint(listing.items, {"resize": resize}),
+    listing = list_split(str(tree), split)
+    options = ShardOptions(output=str(output), split=split, fingerprint=fingerprint(listing.items, {"resize": resize}),
                            resize=resize)
-    specs = plan_shards(listing.items, "train", 0, samples_per_shard)
+    specs = plan_shards(listing.items, split, 0, samples_per_shard)
     for spec in specs:
         ensure_shard(spec, options)
-    manifest.write_manifests(str(output), "train", len(specs), [])
+    manifest.write_manifests(str(output), split, len(specs), [])
 
 
 def plain_pil_rate(paths: list[Path], size: int, seconds: float = 4.0) -> float:

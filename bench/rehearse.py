@@ -130,8 +130,8 @@ def prepare(work: Path) -> dict[str, str]:
     inputs.mkdir(parents=True, exist_ok=True)
     tree = make_demo_tree(inputs / "images", classes=4, train_per_class=4, val_per_class=2, min_size=96, max_size=160,
                           quirks=False, seed=0)
-    build_shards(tree.root, inputs / "shards", None, 8)
-    _build_val_shards(tree.root, inputs / "shards")
+    for split in ("train", "val"):
+        build_shards(tree.root, inputs / "shards", None, 8, split)
     torch.manual_seed(0)
     teacher = inputs / "maskgit-vqgan-random.bin"
     torch.save(build_maskgit_vqgan().state_dict(), teacher)
@@ -140,20 +140,6 @@ def prepare(work: Path) -> dict[str, str]:
              "inception": write_random_inception_weights(inputs / "inception-random.pth")}
     done.write_text(json.dumps(paths, indent=2))
     return paths
-
-
-def _build_val_shards(tree: Path, output: Path) -> None:
-    from data_prep import manifest
-    from data_prep.shard_plan import fingerprint, plan_shards
-    from data_prep.shard_writer import ShardOptions, ensure_shard
-    from data_prep.sources import list_split
-
-    listing = list_split(str(tree), "val")
-    options = ShardOptions(output=str(output), split="val", fingerprint=fingerprint(listing.items, {}))
-    specs = plan_shards(listing.items, "val", 0, 8)
-    for spec in specs:
-        ensure_shard(spec, options)
-    manifest.write_manifests(str(output), "val", len(specs), [])
 
 
 # ----------------------------------------------------------------------------------------------
