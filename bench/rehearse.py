@@ -23,7 +23,7 @@ Each command runs as a subprocess under ``timeout``; a watcher polls ``/proc`` e
 command's process tree and keeps every process's peak RSS (VmHWM): the Ray Train workers' peak per
 rank is what the capacity plan (trainer/plan.py, computed in a separate process with the same keys)
 is compared with. Results go to ``<work-dir>/results.json`` as each phase ends; a re-run skips
-finished phases (``--redo`` repeats them), so the five experiments can be run one at a time.
+phases that finished (``--redo`` repeats them too), so the five experiments can be run one at a time.
 Prints one table: parameters, plan vs measured peak RSS per rank, s/step, checkpoint and export sizes.
 Not part of ``make test``: a full-size phase needs up to ~10 GB per worker and minutes per step.
 """
@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         for experiment in args.experiments.split(","):
             specs = commands(experiment, work, inputs)
             for phase in args.phases.split(","):
-                if phase in results.get(experiment, {}) and not args.redo:
-                    continue
+                if results.get(experiment, {}).get(phase, {}).get("exit") == 0 and not args.redo:
+                    continue  # finished earlier; a failed phase runs again
                 print(f"== {experiment} {phase}", flush=True)
                 result = run_phase(experiment, phase, specs[phase], work, args.timeout_s)
                 results.setdefault(experiment, {})[phase] = result

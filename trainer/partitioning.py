@@ -176,6 +176,15 @@ def _init_class():
             super().__init__(*args, **kwargs)
             self.exposed: list[nn.Parameter] = []
 
+        def _set_dtype(self, ds_config, dtype) -> None:
+            # DeepSpeed (0.19) reads `dtype or fp16 if fp16_supported else bf16 if ...`: on an
+            # accelerator without fp16 (a CPU without AVX512-FP16, e.g. AMD EPYC) the dtype we pass is
+            # ignored and fp32 runs got bf16 parameters ("Input type (float) and bias type (BFloat16)").
+            if dtype is not None:
+                self.dtype = dtype
+            else:
+                super()._set_dtype(ds_config, dtype)
+
         def _post_init_method(self, module: nn.Module) -> None:
             super()._post_init_method(module)
             for param in module.parameters(recurse=False):

@@ -122,7 +122,9 @@ def test_parent_init_reaches_the_partitions(zero3_results) -> None:
     assert set(gathered) == set(plain)
     for name, reference in plain.items():
         value = gathered[name]
-        assert value.shape == reference.shape, name
+        # The config's dtype (fp32 here) whatever the accelerator supports: DeepSpeed's own choice was
+        # bf16 on CPUs without fp16 kernels.
+        assert value.shape == reference.shape and value.dtype == reference.dtype == torch.float32, name
         if name.endswith("bias") and torch.all(reference == 0):
             assert torch.all(value == 0), name          # TiTok zeroes the biases its children made
         elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight")):
