@@ -47,6 +47,10 @@ class DemoConfig:
     # Extra key=value overrides for each stage, e.g. tokenizer_overrides=[trainer.num_workers=2].
     tokenizer_overrides: List[str] = field(default_factory=list)
     generator_overrides: List[str] = field(default_factory=list)
+    # The generator's run (runs/<name>) and samples folder: another name trains a second generator on
+    # the same tokenizer and tokens, and MLflow holds both runs to compare, e.g. generator_name=no-labels
+    # generator_overrides=[model.class_label_dropout=1.0] (a generator that never sees its labels).
+    generator_name: str = "generator"
     # FID needs torch-fidelity's Inception weights: a path/URL, or null for its cached download.
     inception_weights: Optional[str] = None
     progress: bool = True
@@ -58,6 +62,10 @@ class DemoConfig:
         for name in ("tokenizer_steps", "generator_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1 or null, got {getattr(self, name)}")
+        name = self.generator_name
+        if not name or name.startswith(".") or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError("generator_name", f"must be a folder name (letters, digits, - _ .), "
+                                                f"got {self.generator_name!r}")
 
 
 class StepFailed(RuntimeError):
@@ -68,6 +76,7 @@ class StepFailed(RuntimeError):
 class Paths:
     workdir: Path
     store: str
+    generator_name: str = "generator"
 
     @property
     def images(self) -> Path:
@@ -92,11 +101,13 @@ class Paths:
 
     @property
     def generator_run(self) -> str:
-        return self.url("runs", "generator")
+        return self.url("runs", self.generator_name)
 
     @property
     def samples(self) -> str:
-        return self.url("samples")
+        if self.generator_name == "generator":
+            return self.url("samples")
+        return self.url(f"samples-{self.generator_name}")
 
 
 def _banner(index: int, title: str) -> None:
@@ -245,7 +256,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     store = cfg.store or str(workdir / "store")
     storage.ensure_bucket(store)
-    paths = Paths(workdir, store)
+    paths = Paths(workdir, store, cfg.generator_name)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
     (workdir / "mlruns").mkdir(exist_ok=True)
     mlflow_args = [f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=titok-demo"]

@@ -47,8 +47,9 @@ built outside ``zero.Init`` and stay whole on every rank.
   on a CPU worker the heaps then grow far past the live tensors (measured: 50M parameters, ZeRO-3,
   2 ranks: 1.35 GB above the runtime for 0.50 GB of live tensors, still growing after 5 steps;
   0.61 GB with a fixed 256 KiB threshold). :func:`build_model` fixes the threshold on CPU workers
-  (:func:`limit_heap_retention`); blocks above it return to the OS when freed, at the cost of page
-  faults on reuse (CPU runs are rehearsals; GPU memory is not affected).
+  for models of 20M parameters or more (:func:`limit_heap_retention`); blocks above it return to the
+  OS when freed, at the cost of page faults on reuse (GPU memory is not affected). Tiny models (the
+  demo's) keep glibc's default: their heaps retain little, and the page faults cost them most.
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ def _init_class():
 
 
 HEAP_MMAP_THRESHOLD = 256 * 1024
+# Smaller models keep the dynamic threshold: what their heaps retain is a few MB, while a fixed
+# threshold makes every activation above it fresh pages (the demo's 0.8M-parameter tokenizer: a
+# page fault per 4 KiB of every activation, +70% a step).
+HEAP_LIMIT_MIN_PARAMS = 20_000_000
 
 
 def limit_heap_retention(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
@@ -226,16 +231,17 @@ def build_model(cfg, build: Callable[[], M]) -> M:
     """``build()`` as is, or at ZeRO-3 under ``zero.Init`` with the config's limits for this model.
 
     The sizes that "auto" limits need come from a build on the meta device first (no memory). On CPU
-    workers the heap's retention is limited first (:func:`limit_heap_retention`).
+    workers, for models of ``HEAP_LIMIT_MIN_PARAMS`` or more, the heap's retention is limited first
+    (:func:`limit_heap_retention`).
     """
-    if not cfg.trainer.use_gpu:
+    with torch.device("meta"):
+        sizes = ModelSizes.of(build())
+    if not cfg.trainer.use_gpu and sizes.total >= HEAP_LIMIT_MIN_PARAMS:
         limit_heap_retention()
     if cfg.deepspeed.zero_stage != 3:
         return build()
     from trainer.distributed import deepspeed_config
 
-    with torch.device("meta"):
-        sizes = ModelSizes.of(build())
     config = deepspeed_config(cfg, sizes=sizes)
     remote = "cpu" if cfg.deepspeed.offload_param else None
     with _init_class()(config_dict_or_path=config, dtype=param_dtype(cfg), remote_device=remote):

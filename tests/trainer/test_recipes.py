@@ -60,29 +60,28 @@ def test_stage1_proxy_codes_then_stage2_decoder_finetune_with_gan(tiny_shards, t
                    f"tokenizer.losses.perceptual.vgg16_weights={backbones['vgg16_weights']}",
                    f"tokenizer.losses.perceptual.convnext_weights={backbones['convnext_weights']}",
                    "trainer.ema_decay=null", "trainer.global_batch_size=4", "deepspeed.zero_stage=2"]
-    stage2 = tmp_path / "stage2"
-    train_tokenizer([*stage2_args, *_common(tiny_shards, stage2, mlflow_server)])
-    # Stage 2 resized: 2 workers to step 3, resumed on 1 worker to step 6. Both engines come back
-    # re-partitioned (tests/trainer/test_engine_state.py checks their state exactly), and so does the
-    # LeCam EMA: at step 4 it must be decay x (step 3's, saved by 2 workers) + (1 - decay) x step 4's
-    # mean logits. (Its losses are not compared with the straight run's: the LeCam term is a function
-    # of each rank's own mean logits, so it changes with the worker count by definition.)
-    resized, decay = tmp_path / "stage2-resized", 0.5
-    resized_args = [*stage2_args, *_common(tiny_shards, resized, mlflow_server),
-                    f"tokenizer.losses.lecam_ema_decay={decay}"]
-    train_tokenizer([*resized_args, "trainer.num_workers=2", "trainer.stop_at_step=3", "trainer.checkpoint_every=3"])
-    assert (resized / "checkpoints" / "step_000000003" / "discriminator").is_dir()
-    train_tokenizer(resized_args)
-    resized_id = mlflow_run_id(resized)
-    assert sorted(metric_by_step(mlflow_server, resized_id, "train/loss_discriminator")) == list(range(1, 7))
-    workers = metric_by_step(mlflow_server, resized_id, "perf/workers")
+    # Stage 2, resized as it trains: 2 workers to step 3, resumed on 1 worker to step 6. Both engines
+    # come back re-partitioned (tests/trainer/test_engine_state.py checks their state exactly), and so
+    # does the LeCam EMA: at step 4 it must be decay x (step 3's, saved by 2 workers) + (1 - decay) x
+    # step 4's mean logits. (Losses are not compared with an unresized run's: the LeCam term is a
+    # function of each rank's own mean logits, so it changes with the worker count by definition.)
+    stage2, decay = tmp_path / "stage2", 0.5
+    stage2_run_args = [*stage2_args, *_common(tiny_shards, stage2, mlflow_server),
+                       f"tokenizer.losses.lecam_ema_decay={decay}"]
+    train_tokenizer([*stage2_run_args, "trainer.num_workers=2", "trainer.stop_at_step=3",
+                     "trainer.checkpoint_every=3"])
+    assert (stage2 / "checkpoints" / "step_000000003" / "discriminator").is_dir()
+    train_tokenizer(stage2_run_args)
+    stage2_id = mlflow_run_id(stage2)
+    assert sorted(metric_by_step(mlflow_server, stage2_id, "train/loss_discriminator")) == list(range(1, 7))
+    workers = metric_by_step(mlflow_server, stage2_id, "perf/workers")
     assert [workers[s] for s in (3, 4)] == [2.0, 1.0]
     for side in ("real", "fake"):
-        ema = metric_by_step(mlflow_server, resized_id, f"train/lecam_ema_{side}")
-        logits = metric_by_step(mlflow_server, resized_id, f"train/d_logits_{side}")
+        ema = metric_by_step(mlflow_server, stage2_id, f"train/lecam_ema_{side}")
+        logits = metric_by_step(mlflow_server, stage2_id, f"train/d_logits_{side}")
         assert ema[3] != 0.0
         assert ema[4] == pytest.approx(decay * ema[3] + (1 - decay) * logits[4], rel=1e-5, abs=1e-7), side
-    run = MlflowClient(mlflow_server).get_run(mlflow_run_id(stage2))
+    run = MlflowClient(mlflow_server).get_run(stage2_id)
     for key in ("train/loss_l2", "train/loss_perceptual", "train/loss_gan", "train/loss_discriminator",
                 "train/psnr"):
         assert key in run.data.metrics, key

@@ -1,8 +1,8 @@
 """A run resumed on another number of workers is the same run: same losses, same samples per step.
 
 The tokenizer (single-stage L2, no dropout, fp32) trains 12 steps on 2 workers; the same run is also
-trained in three parts: 2 workers to step 6 (under ZeRO-2 in two jobs, a resume at the same size),
-resumed on 1 worker to step 9, resumed on 2 workers to step 12, every part with the same ``trainer.max_steps`` (so the same LR schedule) and stopped with
+trained in three parts: 2 workers to step 6, resumed on 1 worker to step 9, resumed on 2 workers to
+step 12, every part with the same ``trainer.max_steps`` (so the same LR schedule) and stopped with
 ``trainer.stop_at_step``. Real local Ray, DeepSpeed over gloo, MLflow server. The sample keys of
 every step come from the run's own audit (``trainer.record_sample_keys``).
 """
@@ -46,10 +46,8 @@ def test_run_resized_2_1_2_equals_the_straight_run(zero, tiny_shards, tmp_path, 
     train_tokenizer(tokenizer_overrides(tiny_shards, straight, *common, "trainer.num_workers=2"))
     resized = tmp_path / "resized"
     timings = {}
-    # Under ZeRO-2 the first 2-worker part is itself two jobs: a resume at the same size, the guarantee
-    # that predates resizing (at every step the straight run's loss, rel 1e-5).
-    parts = ((2, 3), (2, 6), (1, 9), (2, 12)) if zero == 2 else ((2, 6), (1, 9), (2, 12))
-    for workers, stop in parts:
+    # (A resume at the same size is the generator's case in tests/trainer/test_train_generator.py.)
+    for workers, stop in ((2, 6), (1, 9), (2, 12)):
         started = time.perf_counter()
         train_tokenizer(tokenizer_overrides(tiny_shards, resized, *common, f"trainer.num_workers={workers}",
                                             f"trainer.stop_at_step={stop}"))

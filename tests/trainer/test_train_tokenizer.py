@@ -2,7 +2,8 @@
 
 2 workers, ZeRO-3, on 16 images: the loss falls; the export (gathered from ZeRO-3 shards) equals the
 consolidation of the checkpoint's fp32 fragments and reconstructs identically. (A resume at the same
-size against an uninterrupted run, and the run's MLflow record, are in tests/trainer/test_resize.py.)
+size is the generator's, in tests/trainer/test_train_generator.py; the run's MLflow record is checked in
+tests/trainer/test_resize.py.)
 """
 
 from __future__ import annotations

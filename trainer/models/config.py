@@ -191,9 +191,12 @@ class GeneratorConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.num_attention_heads",
                               f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}")
-        for name in ("dropout", "attn_drop", "class_label_dropout"):
+        for name in ("dropout", "attn_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        # 1.0 drops every label: an unconditional model (the GAN-test's label-ignoring control).
+        if not 0.0 <= self.class_label_dropout <= 1.0:
+            raise ConfigError("model.class_label_dropout", f"must be in [0, 1], got {self.class_label_dropout}")
 
     # Token space shared with the authors' checkpoints (docs/checkpoint_format.md §4).
     @property
