@@ -103,6 +103,13 @@ def store_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"{bucket}/root"
 
 
+# Ray Train's controller takes one report off a worker's queue (of size 1) per poll, every 2 s by
+# default, so a report with a checkpoint blocks until the one before it is taken: ~1.8 s a checkpoint
+# when tests checkpoint every few steps. Set before any Ray starts, so the session's instance and the
+# runs tests start as subprocesses inherit it. (tests/cluster/test_elastic.py keeps the default.)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One local Ray instance for the session (after the S3 env is set, so workers inherit it), started

@@ -169,9 +169,8 @@ def _load_phase(rank: int, world: int, zero: int, precision: str, directory: str
             "reference_keys": sorted(reference["full"]), "next_step_rel_diff": worst}
 
 
-CASES = [  # (zero stage, precision, saving world, loading world)
-    (0, "fp32", 2, 1), (1, "fp32", 2, 3), (2, "fp32", 2, 1), (3, "fp32", 2, 1),
-    (3, "fp32", 1, 3), (2, "bf16", 3, 2), (1, "bf16", 1, 2), (3, "bf16", 2, 3),
+CASES = [  # (zero stage, precision, saving world, loading world): every stage, both precisions, both ways
+    (0, "fp32", 2, 1), (3, "fp32", 2, 1), (2, "bf16", 3, 2), (1, "bf16", 1, 2), (3, "bf16", 2, 3),
 ]
 
 
