@@ -2,6 +2,7 @@
 
     python bench/rehearse.py [--experiments titok_s128,titok_b64,...] [--phases stage1,resume,...]
                              [--work-dir /tmp/titok-rehearsal] [--timeout-s 1800] [--table]
+                             [--set trainer.activation_checkpointing=true ...]
 
 For each experiment (titok_s128, titok_b64, titok_b128_512, titok_l64_512, titok_l32), at its published
 model size, fp32, batch 1 per worker, random weights where the real ones are downloads:
@@ -154,15 +155,16 @@ def _common(ws: int = 2) -> list[str]:
             "trainer.keep_checkpoints=1", "optim.warmup_steps=1", "mlflow.enabled=false"]
 
 
-def commands(experiment: str, work: Path, inputs: dict[str, str]) -> dict[str, dict[str, Any]]:
+def commands(experiment: str, work: Path, inputs: dict[str, str],
+             extra: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Per phase: the entry point's argv (relative to the repo), and for training phases the stage and
-    config overrides the plan is computed from."""
+    config overrides the plan is computed from; ``extra`` keys (``--set``) go to every training phase."""
     run = work / experiment
     shards = inputs["shards"]
     stage1 = ["stage=tokenizer", f"experiment={experiment}", "tokenizer.recipe=proxy_codes",
               f"tokenizer.teacher_weights={inputs['teacher']}", *_common(), "deepspeed.zero_stage=3",
               f"data.train_shards={shards}/train-*.tar", "data.loader_workers=0", "data.shuffle_buffer=16",
-              "trainer.max_steps=3", "trainer.checkpoint_every=2", f"output_dir={run}/stage1"]
+              "trainer.max_steps=3", "trainer.checkpoint_every=2", f"output_dir={run}/stage1", *extra]
     stage1_export = f"{run}/stage1/exports/step_000000003"
     stage2 = ["stage=tokenizer", f"experiment={experiment}", "tokenizer.recipe=decoder_finetune",
               f"tokenizer.init_from={stage1_export}", f"tokenizer.teacher_weights={inputs['teacher']}",
@@ -170,11 +172,11 @@ def commands(experiment: str, work: Path, inputs: dict[str, str]) -> dict[str, d
               f"tokenizer.losses.perceptual.convnext_weights={inputs['convnext_weights']}",
               *_common(), "deepspeed.zero_stage=3", f"data.train_shards={shards}/train-*.tar",
               "data.loader_workers=0", "data.shuffle_buffer=16", "trainer.max_steps=1", "trainer.checkpoint_every=1",
-              f"output_dir={run}/stage2"]
+              f"output_dir={run}/stage2", *extra]
     stage2_export = f"{run}/stage2/exports/step_000000001"
     generator = ["stage=generator", f"experiment={experiment}", *_common(), "deepspeed.zero_stage=2",
                  f"data.train_shards={run}/tokens", f"generator.tokenizer={stage2_export}", "trainer.max_steps=2",
-                 "trainer.checkpoint_every=2", f"output_dir={run}/generator"]
+                 "trainer.checkpoint_every=2", f"output_dir={run}/generator", *extra]
     return {
         "stage1": {"argv": ["trainer/run.py", *stage1, "trainer.stop_at_step=2"], "plan": stage1,
                    "checkpoint": f"{run}/stage1/checkpoints/step_000000002",
@@ -356,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="/tmp/titok-rehearsal")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per command")
     parser.add_argument("--redo", action="store_true", help="run phases again even when recorded")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config key for every training phase (and its plan), e.g. "
+                             "trainer.activation_checkpointing=true; use its own --work-dir")
     parser.add_argument("--table", action="store_true", help="only print the table of recorded results")
     parser.add_argument("--clean", action="store_true", help="delete each experiment's run dirs after its last phase")
     args = parser.parse_args(argv)
@@ -367,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         inputs = prepare(work)
         for experiment in args.experiments.split(","):
-            specs = commands(experiment, work, inputs)
+            specs = commands(experiment, work, inputs, tuple(args.set))
             for phase in args.phases.split(","):
                 if results.get(experiment, {}).get(phase, {}).get("exit") == 0 and not args.redo:
                     continue  # finished earlier; a failed phase runs again
