@@ -57,27 +57,14 @@ TRAINING = ("stage1", "resume", "stage2", "generator")
 # Peak RSS of a process tree
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants, as cluster/ray_session.py walks a process tree (psutil)."""
+    import psutil
 
-
-def _descendants(root: int) -> list[int]:
-    children, out, todo = _children_map(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    try:
+        return [root, *(child.pid for child in psutil.Process(root).children(recursive=True))]
+    except psutil.Error:  # the command has ended
+        return []
 
 
 class TreePeaks(threading.Thread):
@@ -91,7 +78,7 @@ class TreePeaks(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for pid in _descendants(self.root):
+            for pid in _tree(self.root):
                 try:
                     status = Path(f"/proc/{pid}/status").read_text()
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -348,6 +335,10 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _finished(results: dict[str, dict[str, dict]], experiment: str, phase: str) -> bool:
+    return results.get(experiment, {}).get(phase, {}).get("exit") == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--plan-json"]:
@@ -374,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         for experiment in args.experiments.split(","):
             specs = commands(experiment, work, inputs, tuple(args.set))
             for phase in args.phases.split(","):
-                if results.get(experiment, {}).get(phase, {}).get("exit") == 0 and not args.redo:
-                    continue  # finished earlier; a failed phase runs again
+                if _finished(results, experiment, phase) and not args.redo:
+                    continue  # a failed phase runs again
                 print(f"== {experiment} {phase}", flush=True)
                 result = run_phase(experiment, phase, specs[phase], work, args.timeout_s)
                 results.setdefault(experiment, {})[phase] = result
@@ -387,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 if result.get("exit") != 0:
                     print(f"   {result.get('error')}", flush=True)
                     break
-            if args.clean and all(p in results.get(experiment, {}) for p in PHASES):
+            if args.clean and all(_finished(results, experiment, p) for p in PHASES):
                 shutil.rmtree(work / experiment, ignore_errors=True)
     print(table(results))
     return 0
