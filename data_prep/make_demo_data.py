@@ -113,9 +113,10 @@ def _paint_chainlink(rng, w, h):
     img = _gradient(rng, w, h, (30, 80, 40), (20, 60, 30), noise=10)
     draw = ImageDraw.Draw(img)
     x0, y0, side = _square(w, h)
-    # A coarse diamond lattice whose lines cross at the centre: about three meshes across the crop.
-    step = side * rng.uniform(0.3, 0.36)
-    width = max(2, int(side * 0.06))
+    # A coarse diamond lattice whose lines cross at the centre: about two and a half meshes across
+    # the crop, lines ~2.5 px wide at the demo's 32 px (thinner ones alias away at that size).
+    step = side * rng.uniform(0.38, 0.44)
+    width = max(2, int(side * 0.08))
     colour = _jitter(rng, (185, 185, 190), 15)
     reach = int((w + h) / step) + 1
     for k in range(-reach, reach + 1):  # lines of slope +1 and -1 through (x0 + k * step, y0)
@@ -134,8 +135,8 @@ def _paint_seashore(rng, w, h):
     img.paste(_gradient(rng, w, h, (120, 180, 240), (190, 225, 250)).crop((0, 0, w, int(horizon) + 1)), (0, 0))
     draw.rectangle((0, horizon, w, shore), fill=_jitter(rng, (20, 70, 150), 15))
     y = (horizon + shore) / 2 + side * rng.uniform(-0.05, 0.05)
-    draw.line([(x, y + side * 0.03 * math.sin(x / side * 12)) for x in range(0, w, 2)], fill=(235, 240, 250),
-              width=max(2, int(side * 0.04)))
+    draw.line([(x, y + side * 0.03 * math.sin(x / side * 8)) for x in range(0, w, 2)], fill=(235, 240, 250),
+              width=max(2, int(side * 0.07)))
     draw.rectangle((0, shore, w, h), fill=_jitter(rng, (230, 205, 150), 15))
     return img
 
@@ -147,10 +148,11 @@ def _paint_jellyfish(rng, w, h):
     cx, top = x0 + side * rng.uniform(-0.08, 0.08), y0 - side * rng.uniform(0.3, 0.4)
     rx, ry = side * rng.uniform(0.28, 0.34), side * rng.uniform(0.18, 0.24)
     colour = _jitter(rng, (200, 90, 220), 25)
-    for k in range(4):
-        tx = cx - rx * 0.6 + k * (1.2 * rx / 3)
-        pts = [(tx + side * 0.03 * math.sin(t / side * 14 + k), top + ry + t) for t in range(0, int(side * 0.55), 2)]
-        draw.line(pts, fill=colour, width=max(2, int(side * 0.04)))
+    # Three tentacles ~2.5 px wide at the demo's 32 px (four thinner ones blurred into a smear there).
+    for k in range(3):
+        tx = cx - rx * 0.55 + k * (1.1 * rx / 2)
+        pts = [(tx + side * 0.03 * math.sin(t / side * 10 + k), top + ry + t) for t in range(0, int(side * 0.55), 2)]
+        draw.line(pts, fill=colour, width=max(2, int(side * 0.08)))
     draw.pieslice((cx - rx, top, cx + rx, top + 2 * ry), 180, 360, fill=colour)
     return img
 

@@ -151,6 +151,19 @@ def test_non_legacy_decoder_predicts_pixels() -> None:
     assert pixels.shape == (2, 3, 32, 32) and 0 <= pixels.min() and pixels.max() <= 1
 
 
+def test_pixel_decoder_output_conv_starts_as_the_identity() -> None:
+    """The last 3x3 conv passes the assembled patches through at init (not a near-zero map: with both
+    it and the patch projection near zero, the pixel head starts on a saddle), and the ViT init of
+    every other layer is untouched."""
+    model = build_tokenizer(tiny_tokenizer_config(finetune_decoder=False, is_legacy=False))
+    patches = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model.decoder.conv_out(patches), patches)
+    assert model.decoder.ffn[0].weight.std().item() == pytest.approx(0.02, rel=0.2)
+    # Checkpoints keep the published layout: the keys and shapes of a plain Conv2d(3, 3, 3).
+    assert {k: tuple(v.shape) for k, v in model.decoder.conv_out.state_dict().items()} == {
+        "weight": (3, 3, 3, 3), "bias": (3,)}
+
+
 def test_vae_variant() -> None:
     model = randomize_(build_tokenizer(tiny_tokenizer_config(quantize_mode="vae", finetune_decoder=False,
                                                              is_legacy=False, kl_weight=0.5)))

@@ -132,6 +132,9 @@ def test_parent_init_reaches_the_partitions(zero3_results) -> None:
         elif reference.numel() >= 4096:                 # random: same distribution, not the same draws
             assert value.std().item() == pytest.approx(reference.std().item(), rel=0.1), name
             assert value.mean().item() == pytest.approx(reference.mean().item(), abs=0.1 * reference.std().item())
+    # A module's own init survives partitioning: the pixel decoder's output conv starts as the identity.
+    assert torch.equal(gathered["decoder.conv_out.weight"], plain["decoder.conv_out.weight"])
+    assert gathered["decoder.conv_out.weight"][:, :, 1, 1].equal(torch.eye(3))
     # The decisive case: a Linear's default init (kaiming uniform, std 1/sqrt(3 fan_in)) would be 0.009 here.
     assert gathered["encoder.transformer.0.mlp.c_proj.weight"].std().item() == pytest.approx(0.02, rel=0.05)
 

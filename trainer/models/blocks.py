@@ -108,8 +108,12 @@ def autocast_disabled(tensor: torch.Tensor) -> contextlib.AbstractContextManager
 
 
 def init_vit_weights(modules: Iterable[nn.Module], std: float = 0.02) -> None:
-    """Truncated-normal linears/convs with zero bias, unit LayerNorms (the authors' TiTok init)."""
+    """Truncated-normal linears/convs with zero bias, unit LayerNorms (the authors' TiTok init).
+
+    Modules with ``keeps_own_init = True`` keep what their ``reset_parameters`` set."""
     for module in modules:
+        if getattr(module, "keeps_own_init", False):
+            continue
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
