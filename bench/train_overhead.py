@@ -59,8 +59,9 @@ MB = 2**20
 # --- setup ---------------------------------------------------------------------------------------
 
 
-def make_shards(root: Path, images: int) -> str:
-    """Demo JPEGs (as data_prep.make_demo_data draws them) sharded by the shard.py task code."""
+def make_shards(root: Path, images: int, val_per_class: int = 0, min_size: int = 64, max_size: int = 128) -> str:
+    """Demo JPEGs (as data_prep.make_demo_data draws them) sharded by the shard.py task code: ``images``
+    training images over the 6 classes, and ``val_per_class`` validation images a class."""
     from data_prep import manifest
     from data_prep.make_demo_data import make_demo_tree
     from data_prep.shard_plan import fingerprint, plan_shards
@@ -68,14 +69,15 @@ def make_shards(root: Path, images: int) -> str:
     from data_prep.sources import list_split
 
     classes = 6
-    tree = make_demo_tree(root / "tree", classes=classes, train_per_class=max(1, images // classes), val_per_class=0,
-                          min_size=64, max_size=128, quirks=False)
-    listing = list_split(str(tree.root), "train")
-    specs = plan_shards(listing.items, "train", 0, 40)
-    options = ShardOptions(output=str(root / "shards"), split="train", fingerprint=fingerprint(listing.items, {}))
-    for spec in specs:
-        ensure_shard(spec, options)
-    manifest.write_manifests(str(root / "shards"), "train", len(specs), [])
+    tree = make_demo_tree(root / "tree", classes=classes, train_per_class=max(1, images // classes),
+                          val_per_class=val_per_class, min_size=min_size, max_size=max_size, quirks=False)
+    for split in ("train", "val") if val_per_class else ("train",):
+        listing = list_split(str(tree.root), split)
+        specs = plan_shards(listing.items, split, 0, 40)
+        options = ShardOptions(output=str(root / "shards"), split=split, fingerprint=fingerprint(listing.items, {}))
+        for spec in specs:
+            ensure_shard(spec, options)
+        manifest.write_manifests(str(root / "shards"), split, len(specs), [])
     return str(root / "shards")
 
 

@@ -32,3 +32,17 @@ def test_gpu_acceptance_runs_at_tiny_sizes_on_the_cpu(tmp_path: Path) -> None:
     assert results["jpeg_decode"]["images_per_s_per_core"] > 0
     for name in ("L-32 stage 1", "L-32 generator", "L-32 sampling", "Inception features", "JPEG decode"):
         assert name in done.stdout, name
+
+
+def test_tokenizer_curve_trains_and_scores_each_variant(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "tokenizer_curve.py"), "--steps", "20", "--every", "10",
+                           "--variant", "p4:model.patch_size=4", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    curve = [line.split() for line in done.stdout.splitlines() if " val PSNR " in line]
+    assert [(row[0], int(row[2])) for row in curve] == [("demo", 10), ("demo", 20), ("p4", 10), ("p4", 20)]
+    assert all(5 < float(row[5]) < 60 for row in curve)  # dB of a barely trained model: finite, not perfect
+    rows = [line.split() for line in done.stdout.split("x first", 1)[1].strip().splitlines()]
+    assert [row[0] for row in rows] == ["demo", "p4"] and rows[0][-1] == "1.00"
+    assert rows[0][1] != rows[1][1]  # 8 px against 4 px patches: other patch embedding and head sizes
+    assert [float(row[2]) for row in rows] == [float(curve[1][5]), float(curve[3][5])]  # the final PSNRs
