@@ -7,8 +7,8 @@ Each run trains ``experiment=demo``'s tokenizer (plus the variant's overrides, e
 ``--variant p4:model.patch_size=4`` or ``--variant lr1e3:optim.lr=1e-3``) on the demo's classes (40
 training and 8 validation images a class, as ``make demo`` draws them) in a plain PyTorch loop: the
 model, loss, optimizer groups, LR schedule, grad clipping and EMA of the trainer, the batches of
-``trainer.data.step_batches``, no Ray or DeepSpeed (``bench/train_overhead.py`` measures what those
-add). Every ``--every`` steps the EMA weights reconstruct the validation images, read as
+``trainer.data.step_batches``, no Ray or DeepSpeed (``bench/train_overhead.py``'s ``PlainLoop``, whose
+bench measures what those add). Every ``--every`` steps the EMA weights reconstruct the validation images, read as
 ``evals/run.py eval.kind=reconstruction`` reads them (shorter side to 32, center crop), and the bench
 prints PSNR (mean over images, as ``evals.quality.psnr``), SSIM and the share of the codebook used.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.train_overhead import make_shards  # noqa: E402
+from bench.train_overhead import PlainLoop, make_shards  # noqa: E402
 
 
 def load_val_images(shards: str, image_size: int) -> torch.Tensor:
@@ -63,55 +63,32 @@ def evaluate(model: torch.nn.Module, ema, images: torch.Tensor) -> tuple[float, 
 
 
 def train_curve(name: str, overrides: list[str], shards: str, steps: int, every: int, threads: int) -> dict:
-    from trainer.batch_layout import StepLayout, default_streams
     from trainer.config import build_config
-    from trainer.data import step_batches
-    from trainer.distributed import lr_scheduler_factory, param_groups
     from trainer.ema import ParamEMA
-    from trainer.losses import build_pixel_loss
-    from trainer.loop import seed_everything
-    from trainer.models import build_tokenizer
     from trainer.schema import TokenizerTrainConfig
 
-    cfg = build_config("tokenizer", TokenizerTrainConfig, ["experiment=demo", f"data.train_shards={shards}/train-*.tar",
-                                                           f"trainer.max_steps={steps}", *overrides])
+    cfg = build_config("tokenizer", TokenizerTrainConfig, [
+        "experiment=demo", f"data.train_shards={shards}/train-*.tar", f"trainer.max_steps={steps}",
+        f"trainer.cpus_per_worker={threads}", *overrides])
     val_images = load_val_images(shards, cfg.data.image_size)
-    torch.set_num_threads(threads)
-    seed_everything(cfg.seed, 0)
-    model = build_tokenizer(cfg.model).train()
-    loss_fn = build_pixel_loss(cfg.tokenizer.losses)
-    optim = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                                  eps=optim.eps)
-    scheduler = lr_scheduler_factory(optim, steps)(optimizer)
-    ema = ParamEMA(model, cfg.trainer.ema_decay or 0.0)
-    batch = cfg.trainer.batch_size_per_worker
-    layout = StepLayout(batch, cfg.data.streams or default_streams(batch, max(1, cfg.data.loader_workers)), 1, batch)
-    batches = step_batches(cfg.data.train_shards, layout, 0, image_size=cfg.data.image_size,
-                           num_workers=cfg.data.loader_workers, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    loop = PlainLoop(cfg)
+    ema = ParamEMA(loop.model, cfg.trainer.ema_decay or 0.0)
     trained = 0.0
     points = []
     try:
         for step in range(1, steps + 1):
             started = time.perf_counter()
-            images = next(batches).images
-            reconstructions, aux = model(images)
-            loss, _ = loss_fn.generator_loss(images, reconstructions, aux, step, None)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(model)
+            loop.step(step)
+            ema.update(loop.model)
             trained += time.perf_counter() - started
             if step % every == 0 or step == steps:
-                psnr, ssim, usage = evaluate(model, ema, val_images)
+                psnr, ssim, usage = evaluate(loop.model, ema, val_images)
                 points.append((step, psnr))
                 print(f"{name:>12} step {step:>5}  val PSNR {psnr:6.2f} dB  SSIM {ssim:.3f}  codebook used "
                       f"{usage:.3f}  {trained / step:.4f} s/step", flush=True)
     finally:
-        batches.close()
-    params = sum(p.numel() for p in model.parameters())
+        loop.close()
+    params = sum(p.numel() for p in loop.model.parameters())
     return {"name": name, "points": points, "s_per_step": trained / steps, "params": params}
 
 

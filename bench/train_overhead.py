@@ -177,49 +177,67 @@ def describe_usage(u: dict[str, float]) -> str:
 # --- the two paths -------------------------------------------------------------------------------
 
 
+class PlainLoop:
+    """The tokenizer's training step without Ray or DeepSpeed: ``build_tokenizer`` + ``build_pixel_loss``
+    + ``torch.optim.AdamW`` (the trainer's parameter groups, LR schedule and grad clipping), batches from
+    ``trainer.data.step_batches`` in the layout the driver gives a new run on one worker, torch threads
+    set to ``trainer.cpus_per_worker``. Also used by ``bench/tokenizer_curve.py``."""
+
+    def __init__(self, cfg) -> None:
+        from trainer.batch_layout import StepLayout, default_streams
+        from trainer.data import step_batches
+        from trainer.distributed import lr_scheduler_factory, param_groups
+        from trainer.losses import build_pixel_loss
+        from trainer.loop import seed_everything
+        from trainer.models import build_tokenizer
+
+        self.cfg = cfg
+        torch.set_num_threads(int(cfg.trainer.cpus_per_worker))
+        seed_everything(cfg.seed, 0)  # what train_worker does before building the stage: the same weights
+        self.model = build_tokenizer(cfg.model).train()
+        self.loss_fn = build_pixel_loss(cfg.tokenizer.losses)
+        optim = cfg.optim
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, optim.weight_decay), lr=optim.lr,
+                                           betas=tuple(optim.betas), eps=optim.eps)
+        self.scheduler = lr_scheduler_factory(optim, cfg.trainer.max_steps)(self.optimizer)
+        data = cfg.data
+        micro = cfg.trainer.batch_size_per_worker
+        global_batch = cfg.trainer.global_batch_size or micro
+        layout = StepLayout(global_batch, data.streams or default_streams(global_batch, max(1, data.loader_workers)),
+                            1, micro)
+        if layout.accumulation != 1:
+            raise SystemExit(f"the plain loop takes one micro-batch a step; global batch {global_batch} > {micro}")
+        self.batches = step_batches(data.train_shards, layout, 0, image_size=data.image_size,
+                                    num_workers=data.loader_workers, seed=cfg.seed, shuffle_buffer=data.shuffle_buffer)
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step on the next batch; its loss (detached)."""
+        images = next(self.batches).images
+        reconstructions, aux = self.model(images)
+        loss, _ = self.loss_fn.generator_loss(images, reconstructions, aux, step, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def close(self) -> None:
+        self.batches.close()  # stop the loader workers before anything else runs
+
+
 def plain_run(cfg, steps: int) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
     """A plain loop: per-window mean step time and mean loss, and the wall-clock time of each step's end."""
-    from trainer.batch_layout import StepLayout, default_streams
-    from trainer.data import step_batches
-    from trainer.distributed import lr_scheduler_factory, param_groups
-    from trainer.losses import build_pixel_loss
-    from trainer.loop import seed_everything
-    from trainer.models import build_tokenizer
-
-    torch.set_num_threads(int(cfg.trainer.cpus_per_worker))
-    seed_everything(cfg.seed, 0)  # what train_worker does before building the stage: the same weights
-    model = build_tokenizer(cfg.model).train()
-    loss_fn = build_pixel_loss(cfg.tokenizer.losses)
-    optim = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                                  eps=optim.eps)
-    scheduler = lr_scheduler_factory(optim, cfg.trainer.max_steps)(optimizer)
-    data = cfg.data
-    # The layout the driver gives a new run on one worker (trainer/resume.py): the same batches.
-    micro = cfg.trainer.batch_size_per_worker
-    global_batch = cfg.trainer.global_batch_size or micro
-    layout = StepLayout(global_batch, data.streams or default_streams(global_batch, max(1, data.loader_workers)), 1, micro)
-    if layout.accumulation != 1:
-        raise SystemExit(f"the plain loop takes one micro-batch a step; global batch {global_batch} > {micro}")
-    batches = step_batches(data.train_shards, layout, 0, image_size=data.image_size, num_workers=data.loader_workers,
-                           seed=cfg.seed, shuffle_buffer=data.shuffle_buffer)
+    loop = PlainLoop(cfg)
     times, losses, stamps = [], [], []
     started = time.perf_counter()
     for step in range(steps):
-        images = next(batches).images
-        reconstructions, aux = model(images)
-        loss, _ = loss_fn.generator_loss(images, reconstructions, aux, step, None)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(loop.step(step))
         now = time.perf_counter()
         times.append(now - started)
         stamps.append(time.time())
         started = now
-    batches.close()  # stop the loader workers before the other path runs
+    loop.close()
     every = cfg.trainer.log_every
     return windows(times, every), windows([float(v) for v in losses], every), dict(enumerate(stamps, start=1))
 
