@@ -12,14 +12,16 @@ bench measures what those add). Every ``--every`` steps the EMA weights reconstr
 ``evals/run.py eval.kind=reconstruction`` reads them (shorter side to 32, center crop), and the bench
 prints PSNR (mean over images, as ``evals.quality.psnr``), SSIM and the share of the codebook used.
 
-The table at the end gives each run's final PSNR and seconds a step, and the step time as a ratio to
-the first run's (the demo's settings unless ``--no-baseline``): compare ratios, the machine is noisy.
+At the end the bench prints each run's final PSNR by class (which classes hold the mean down), then a
+table of each run's final PSNR and seconds a step, and the step time as a ratio to the first run's
+(the demo's settings unless ``--no-baseline``): compare ratios, the machine is noisy.
 Runs differ by up to ~0.3 dB between seeds and thread counts at the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -32,19 +34,23 @@ import torch  # noqa: E402
 from bench.train_overhead import PlainLoop, make_shards  # noqa: E402
 
 
-def load_val_images(shards: str, image_size: int) -> torch.Tensor:
-    """The validation images as the reconstruction eval reads them: float [N, 3, S, S] in [0, 1]."""
+def load_val_images(shards: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images as the reconstruction eval reads them: float [N, 3, S, S] in [0, 1], and
+    their ImageNet labels [N]."""
     from evals.sources import SliceReport, shard_input
 
-    images = []
+    images, labels = [], []
     for piece in shard_input(f"{shards}/val-*.tar", chunk_size=10**6, image_size=image_size).slices:
-        images += [batch.images for batch in piece.batches(64, SliceReport())]
-    return torch.cat(images).float() / 255.0
+        for batch in piece.batches(64, SliceReport()):
+            images.append(batch.images)
+            labels.append(batch.labels)
+    return torch.cat(images).float() / 255.0, torch.cat(labels)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ema, images: torch.Tensor) -> tuple[float, float, float]:
-    """PSNR, SSIM and codebook share of the EMA weights on ``images``; the live weights are restored."""
+def evaluate(model: torch.nn.Module, ema, images: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """PSNR of each image, mean SSIM and codebook share of the EMA weights on ``images``; the live
+    weights are restored."""
     from evals.quality import psnr, ssim
 
     live = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -59,7 +65,7 @@ def evaluate(model: torch.nn.Module, ema, images: torch.Tensor) -> tuple[float, 
     reconstructions = (reconstructions.clamp(0, 1) * 255).round() / 255  # what the eval scores: uint8
     token_ids = aux.get("token_ids")
     usage = token_ids.unique().numel() / model.config.codebook_size if token_ids is not None else float("nan")
-    return float(psnr(reconstructions, images).mean()), float(ssim(reconstructions, images).mean()), usage
+    return psnr(reconstructions, images), float(ssim(reconstructions, images).mean()), usage
 
 
 def train_curve(name: str, overrides: list[str], shards: str, steps: int, every: int, threads: int) -> dict:
@@ -70,7 +76,7 @@ def train_curve(name: str, overrides: list[str], shards: str, steps: int, every:
     cfg = build_config("tokenizer", TokenizerTrainConfig, [
         "experiment=demo", f"data.train_shards={shards}/train-*.tar", f"trainer.max_steps={steps}",
         f"trainer.cpus_per_worker={threads}", *overrides])
-    val_images = load_val_images(shards, cfg.data.image_size)
+    val_images, val_labels = load_val_images(shards, cfg.data.image_size)
     loop = PlainLoop(cfg)
     ema = ParamEMA(loop.model, cfg.trainer.ema_decay or 0.0)
     trained = 0.0
@@ -82,14 +88,28 @@ def train_curve(name: str, overrides: list[str], shards: str, steps: int, every:
             ema.update(loop.model)
             trained += time.perf_counter() - started
             if step % every == 0 or step == steps:
-                psnr, ssim, usage = evaluate(loop.model, ema, val_images)
+                per_image, ssim, usage = evaluate(loop.model, ema, val_images)
+                psnr = float(per_image.mean())
                 points.append((step, psnr))
                 print(f"{name:>12} step {step:>5}  val PSNR {psnr:6.2f} dB  SSIM {ssim:.3f}  codebook used "
                       f"{usage:.3f}  {trained / step:.4f} s/step", flush=True)
     finally:
         loop.close()
     params = sum(p.numel() for p in loop.model.parameters())
-    return {"name": name, "points": points, "s_per_step": trained / steps, "params": params}
+    per_class = {int(label): float(per_image[val_labels == label].mean()) for label in val_labels.unique()}
+    return {"name": name, "points": points, "s_per_step": trained / steps, "params": params, "per_class": per_class}
+
+
+def print_per_class(results: list[dict]) -> None:
+    """Final validation PSNR of each run by demo class: which classes hold the mean down."""
+    from data_prep.make_demo_data import DEMO_CLASSES
+    from data_prep.wnids import wnid_to_label
+
+    names = {wnid_to_label()[c.wnid]: c.name.replace(" ", "-") for c in DEMO_CLASSES}
+    labels = sorted(results[0]["per_class"])
+    print(f"\nfinal PSNR by class (dB)\n{'run':>12} " + " ".join(f"{names.get(k, k):>15}" for k in labels))
+    for r in results:
+        print(f"{r['name']:>12} " + " ".join(f"{r['per_class'][k]:>15.2f}" for k in labels))
 
 
 def main() -> int:
@@ -108,7 +128,8 @@ def main() -> int:
         name, _, keys = spec.partition(":")
         if not name or not keys:
             parser.error(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-        runs.append((name, keys.split(",")))
+        # Split on the commas that start the next KEY=, so list values (optim.betas=[0.9,0.95]) survive.
+        runs.append((name, re.split(r",(?=[\w.]+=)", keys)))
     if not runs:
         parser.error("nothing to run: --no-baseline without --variant")
     with tempfile.TemporaryDirectory(prefix="tokenizer-curve-") as tmp:
@@ -116,6 +137,7 @@ def main() -> int:
         shards = make_shards(work / "data", 6 * 40, val_per_class=8, min_size=64, max_size=160)
         print(f"48 validation images; {args.steps} steps a run, evaluated every {args.every}", flush=True)
         results = [train_curve(name, keys, shards, args.steps, args.every, args.threads) for name, keys in runs]
+    print_per_class(results)
     base = results[0]["s_per_step"]
     print(f"\n{'run':>12} {'params':>9} {'final PSNR':>11} {'s/step':>8} {'x first':>8}")
     for r in results:

@@ -36,7 +36,7 @@ def test_gpu_acceptance_runs_at_tiny_sizes_on_the_cpu(tmp_path: Path) -> None:
 
 def test_tokenizer_curve_trains_and_scores_each_variant(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "bench" / "tokenizer_curve.py"), "--steps", "20", "--every", "10",
-                           "--variant", "p4:model.patch_size=4", "--work", str(tmp_path)],
+                           "--variant", "p4:model.patch_size=4,optim.betas=[0.9,0.95]", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     curve = [line.split() for line in done.stdout.splitlines() if " val PSNR " in line]
@@ -46,3 +46,10 @@ def test_tokenizer_curve_trains_and_scores_each_variant(tmp_path: Path) -> None:
     assert [row[0] for row in rows] == ["demo", "p4"] and rows[0][-1] == "1.00"
     assert rows[0][1] != rows[1][1]  # 8 px against 4 px patches: other patch embedding and head sizes
     assert [float(row[2]) for row in rows] == [float(curve[1][5]), float(curve[3][5])]  # the final PSNRs
+    by_class = done.stdout.split("final PSNR by class (dB)", 1)[1].split("\n\n", 1)[0].strip().splitlines()
+    # classes in ImageNet label order (sorted wnids)
+    assert by_class[0].split() == ["run", "jellyfish", "starfish", "chainlink-fence", "orange", "seashore", "volcano"]
+    assert [row.split()[0] for row in by_class[1:]] == ["demo", "p4"]
+    for row, final in zip(by_class[1:], (curve[1][5], curve[3][5])):
+        # 8 validation images a class, so the mean of the class means is the mean over all images
+        assert abs(sum(float(v) for v in row.split()[1:]) / 6 - float(final)) < 0.01
