@@ -2,7 +2,7 @@
 plain single-process PyTorch loop on the same model and data, in the same run; and the memory each rank
 holds under ZeRO 0/1/2/3.
 
-    python bench/train_overhead.py [--rounds 2] [--steps 60] [--warmup 10] [--parts overhead,zero,preemption]
+    python bench/train_overhead.py [--rounds 2] [--steps 60] [--warmup 10] [--parts overhead,zero,preemption,loader]
 
 Overhead (1 worker, ZeRO-0, fp32, CPU). Each round runs both paths on the same TiTok (single-stage
 recipe, L2 + quantizer loss), the same seed and the same demo shards; the order alternates between
@@ -27,6 +27,13 @@ by everything else on the machine, and warns when other users took more than a q
 Ray starts its workers at niceness 15 (``RAY_worker_niceness``), so under foreign load the Ray path
 loses far more than the plain loop: compare figures from quiet runs only.
 
+Loader (``--parts loader``): the plain loop fed by the reader, by the reader with a decoded cache
+(``data.decoded_cache_mb``, ``--cache-mb``), and by batches already in memory (the floor: no reading
+or decoding), taking turns in blocks of ``--log-every`` steps. At the demo's size:
+
+    python bench/train_overhead.py --parts loader --steps 600 --warmup 100 --log-every 25 \
+        --image-size 32 --patch 8 --width 96 --layers 2 --batch 32
+
 Preemption checks: the Ray path with ``trainer.preemption_check_every=1`` (the default: a barrier of all
 workers through Ray each step) against no checks, alternating; prints the cost per step.
 
@@ -39,6 +46,7 @@ the process's peak RSS. Parameter + optimizer bytes must fall as the stage rises
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -208,7 +216,8 @@ class PlainLoop:
         if layout.accumulation != 1:
             raise SystemExit(f"the plain loop takes one micro-batch a step; global batch {global_batch} > {micro}")
         self.batches = step_batches(data.train_shards, layout, 0, image_size=data.image_size,
-                                    num_workers=data.loader_workers, seed=cfg.seed, shuffle_buffer=data.shuffle_buffer)
+                                    num_workers=data.loader_workers, seed=cfg.seed, shuffle_buffer=data.shuffle_buffer,
+                                    decoded_cache_mb=data.decoded_cache_mb)
 
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step on the next batch; its loss (detached)."""
@@ -366,6 +375,44 @@ def preemption_checks(args: argparse.Namespace, work: Path) -> None:
           f"{100 * (every_s / never_s - 1):+.1f}% ({1000 * (every_s - never_s):+.1f} ms per step)")
 
 
+def loader_cost(args: argparse.Namespace, work: Path) -> None:
+    """What feeding the model costs a training step, in the plain loop: batches from the reader as
+    configured, from the reader with a decoded cache (``data.decoded_cache_mb``), and the same kind of
+    batches already in memory (no reading, decoding or hand-over at all: the floor). The three loops
+    take turns, ``--log-every`` steps each, so a drifting machine slows them alike."""
+    shards = make_shards(work / "data-loader", args.images)
+    variants = {"reader": 0.0, "reader + decoded cache": args.cache_mb, "batches in memory": 0.0}
+    loops = {name: PlainLoop(tokenizer_config(args, shards, f"data.decoded_cache_mb={mb}"))
+             for name, mb in variants.items()}
+    floor = loops["batches in memory"]
+    held = [next(floor.batches) for _ in range(20)]
+    floor.close()
+    floor.batches = itertools.cycle(held)  # type: ignore[assignment]
+    kept: dict[str, list[float]] = {name: [] for name in loops}
+    last_loss: dict[str, float] = {}
+    for block in range(args.steps // args.log_every):
+        for name, loop in loops.items():
+            started = time.perf_counter()
+            for i in range(args.log_every):
+                loss = loop.step(block * args.log_every + i)
+            if (block + 1) * args.log_every > args.warmup:
+                kept[name].append((time.perf_counter() - started) / args.log_every)
+            last_loss[name] = float(loss)
+    for name, loop in loops.items():
+        if loop is not floor:
+            loop.close()
+    base = statistics.median(kept["reader"])
+    print(f"\nwhat a step's data costs: plain loop, {args.image_size}px / patch {args.patch}, width {args.width} x "
+          f"{args.layers} layers, batch {args.batch}, {args.cpus} threads, {args.images} images, 1 loader worker; "
+          f"{len(kept['reader'])} blocks of {args.log_every} steps each, taking turns")
+    print(f"{'batches from':<24}{'step s (median)':>16}{'x reader':>10}")
+    for name, times in kept.items():
+        print(f"{name:<24}{statistics.median(times):>16.4f}{statistics.median(times) / base:>10.3f}")
+    same = last_loss["reader"] == last_loss["reader + decoded cache"]
+    print(f"loss after {args.steps} steps: reader {last_loss['reader']:.6f}, with the decoded cache "
+          f"{last_loss['reader + decoded cache']:.6f} (the same batches: must be equal): {'PASS' if same else 'FAIL'}")
+
+
 # --- ZeRO memory ---------------------------------------------------------------------------------
 
 
@@ -484,7 +531,7 @@ def zero_memory(args: argparse.Namespace, work: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="overhead,zero,preemption",
-                        help="comma list of: overhead, zero, preemption")
+                        help="comma list of: overhead, zero, preemption, loader")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (plain, Ray) runs, order alternating")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=10, help="steps dropped at the start of each run (a "
@@ -497,6 +544,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=2, help="trainer.cpus_per_worker = plain loop torch threads")
     parser.add_argument("--images", type=int, default=240, help="demo images to shard")
+    parser.add_argument("--cache-mb", type=float, default=64.0, help="data.decoded_cache_mb of the loader part")
     parser.add_argument("--zero-stages", default="0,1,2,3")
     parser.add_argument("--zero-width", type=int, default=512)
     parser.add_argument("--zero-layers", type=int, default=4)
@@ -522,6 +570,8 @@ def main() -> int:
             zero_memory(args, work)
         if "preemption" in parts:
             preemption_checks(args, work)
+        if "loader" in parts:
+            loader_cost(args, work)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -63,6 +63,12 @@ in [0, 1], or with ``uint8=True`` the decoded bytes as uint8 NHWC: the trainer t
 converts them on its device with :func:`to_float_images` (a quarter of the bytes to copy, and no
 conversion on the CPU cores the loader workers need). ``device`` is where batches are delivered.
 
+**Decoded cache** (``decoded_cache_mb``, per loader worker; 0 = off, the default): a dataset small
+enough to keep (the demo's, a small fine-tuning set) is decoded and resized once, not once an epoch
+(:class:`DecodedCache`). The batches are the same bit for bit: the crop and flip still come from each
+sample's own generator. At the demo's size on 2 cores a step then costs ~0.9x (``python
+bench/train_overhead.py --parts loader``).
+
 **Evaluation** (:class:`ImageShardStream`, :func:`eval_batches`): one pass in shard order, center
 crop, every sample once across ``world_size x max(1, num_workers)`` readers (shard-level split when
 there are enough shards, every ``S``-th sample otherwise), batches of ``batch_size`` within a reader
@@ -74,6 +80,7 @@ from __future__ import annotations
 import concurrent.futures
 import fnmatch
 import functools
+import hashlib
 import io
 import itertools
 import logging
@@ -231,6 +238,46 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     return pixels[top:top + size, left:left + size]
 
 
+class DecodedCache:
+    """Resized decodes of training images kept in memory, up to ``budget_mb`` (``data.decoded_cache_mb``).
+
+    ``decode(data)`` is ``decode_resized(data, size, draft)``, computed once per distinct image while the
+    budget lasts. Keyed by a digest of the encoded bytes, so a hit returns what decoding these bytes
+    gives, whatever the sample's key or shard. When full it keeps what it holds and decodes the rest:
+    training reads every sample once an epoch, and under that cyclic order evicting one image for
+    another never raises the hit rate (LRU would drop every image just before its next use). An image
+    that fails to decode raises as before and is not kept."""
+
+    def __init__(self, size: int, draft: bool = True, budget_mb: float = 0.0) -> None:
+        if budget_mb < 0:
+            raise ValueError(f"the decoded cache budget must be >= 0 MB, got {budget_mb}")
+        self.size, self.draft, self.budget = size, draft, int(budget_mb * 2**20)
+        self._images: dict[bytes, Image.Image] = {}
+        self.bytes = self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def decode(self, data: bytes) -> Image.Image:
+        if not self.budget:
+            return decode_resized(data, self.size, self.draft)
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        image = self._images.get(digest)
+        if image is not None:
+            self.hits += 1
+            return image
+        self.misses += 1
+        image = decode_resized(data, self.size, self.draft)
+        cost = image.width * image.height * len(image.getbands())
+        if self.bytes + cost <= self.budget:
+            if getattr(image, "fp", None) is not None:   # opened, not resized: still lazy and holding its bytes
+                image.load()
+                image = image.copy()
+            self._images[digest] = image
+            self.bytes += cost
+        return image
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared memory and delivery
 
@@ -340,7 +387,8 @@ class _Chunk(NamedTuple):
     step: int
     worker: int
     images: torch.Tensor | _RingRef   # uint8 [n, S, S, 3]
-    labels: torch.Tensor              # int64 [n]
+    labels: np.ndarray                # int64 [n]: pickled inline (a tensor would cost a shared-memory
+                                      # segment and a file-descriptor handover per step)
     keys: list[str]
     problems: dict                    # the worker's new problems since its previous chunk
 
@@ -396,9 +444,11 @@ class _StepReader:
 
     def __init__(self, shards: str | Sequence[str], layout: StepLayout, rank: int, *, image_size: int,
                  num_workers: int, seed: int, shuffle_buffer: int, start_step: int = 0, draft: bool = True,
-                 uint8: bool = False, device: str | torch.device = "cpu", prefetch_factor: int = 2) -> None:
-        if image_size < 1 or num_workers < 0 or shuffle_buffer < 1 or start_step < 0:
-            raise ValueError("image_size, shuffle_buffer >= 1 and num_workers, start_step >= 0 are required")
+                 uint8: bool = False, device: str | torch.device = "cpu", prefetch_factor: int = 2,
+                 decoded_cache_mb: float = 0.0) -> None:
+        if image_size < 1 or num_workers < 0 or shuffle_buffer < 1 or start_step < 0 or decoded_cache_mb < 0:
+            raise ValueError("image_size, shuffle_buffer >= 1 and num_workers, start_step, decoded_cache_mb >= 0 "
+                             "are required")
         if not 0 <= rank < layout.world_size:
             raise ValueError(f"rank must be in [0, {layout.world_size}), got {rank}")
         self.urls = expand_shard_urls(shards)
@@ -409,6 +459,7 @@ class _StepReader:
         self.first_position = layout.slot_source(start_step, 0)[1]   # every stream's position at the start
         self.image_size, self.seed, self.shuffle_buffer, self.draft = image_size, seed, shuffle_buffer, draft
         self.uint8, self.device, self.prefetch_factor = uint8, torch.device(device), prefetch_factor
+        self.decoded_cache_mb = decoded_cache_mb
 
         streams = layout.rank_streams(rank)
         self.loader_workers = min(num_workers, len(streams))
@@ -454,7 +505,7 @@ class _StepReader:
             views = [ring.view(c.images) if ring is not None else c.images for c in got]
             for micro, (runs, padding) in enumerate(self._micro_runs):
                 images = self._deliver([views[w][lo:hi] for w, lo, hi in runs])
-                labels = torch.cat([got[w].labels[lo:hi] for w, lo, hi in runs])
+                labels = torch.from_numpy(np.concatenate([got[w].labels[lo:hi] for w, lo, hi in runs]))
                 keys = [key for w, lo, hi in runs for key in got[w].keys[lo:hi]]
                 if micro == last and ring is not None:
                     for chunk in got:  # every micro-batch of the step is copied out
@@ -480,6 +531,7 @@ class _StepReader:
         storage.register_webdataset_s3()
         mine, size = self.assignment[worker], self.chunk_sizes[worker]
         buffers = _BatchBuffers(ring, worker, size, self.image_size)
+        decoded = DecodedCache(self.image_size, self.draft, self.decoded_cache_mb)   # this worker's own
         plan = StreamPlan(self.counts, self.layout.streams, self.seed, self.shuffle_buffer)
         q = self.layout.per_stream
         problems, reported = ReadCounters(), asdict(ReadCounters())
@@ -493,22 +545,22 @@ class _StepReader:
                 for reader, offsets in readers:
                     piece = reader.take(q)   # every stream moves by q samples a step, read or not
                     for offset in offsets:
-                        key, label = self._fill(reader, piece, offset, pixels[len(keys)], problems)
+                        key, label = self._fill(reader, piece, offset, pixels[len(keys)], problems, decoded)
                         labels[len(keys)] = label
                         keys.append(key)
                 totals = asdict(problems)
-                yield _Chunk(step, worker, images, torch.from_numpy(labels), keys,
+                yield _Chunk(step, worker, images, labels, keys,
                              {name: value - reported[name] for name, value in totals.items()})
                 reported = totals
 
     def _fill(self, reader: StreamReader, piece: list[tuple[SampleId, RawSample | None]], offset: int,
-              out: np.ndarray, problems: ReadCounters) -> tuple[str, int]:
+              out: np.ndarray, problems: ReadCounters, decoded: DecodedCache) -> tuple[str, int]:
         """Decode the sample at ``offset`` of a stream's piece of a step into ``out``; (key, label).
 
         A missing or undecodable sample is counted here (the slot belongs to this rank alone) and
         replaced by the stream's next good sample, which depends on nothing but the stream."""
         sample_id, raw = piece[offset]
-        if raw is not None and (label := self._decode(reader.stream, sample_id, raw, out)) is not None:
+        if raw is not None and (label := self._decode(reader.stream, sample_id, raw, out, decoded)) is not None:
             return raw.key, label
         if raw is None:
             problems.missing_samples += 1
@@ -516,12 +568,13 @@ class _StepReader:
             problems.corrupt_samples += 1
         limit = sum(self.counts)
         for next_id, candidate in itertools.islice(itertools.chain(piece[offset + 1:], reader.ahead()), limit):
-            if candidate is not None and (label := self._decode(reader.stream, next_id, candidate, out)) is not None:
+            if candidate is not None and (label := self._decode(reader.stream, next_id, candidate, out, decoded)) is not None:
                 return candidate.key, label
         raise RuntimeError(f"stream {reader.stream} has no decodable image in {limit} samples in a row; check the "
                            f"shards ({self.urls[0]} ...)")
 
-    def _decode(self, stream: int, sample_id: SampleId, raw: RawSample, out: np.ndarray) -> int | None:
+    def _decode(self, stream: int, sample_id: SampleId, raw: RawSample, out: np.ndarray,
+                decoded: DecodedCache) -> int | None:
         """Decode, crop and flip ``raw`` into ``out`` (its own seeded crop and flip); its label, or None
         when it does not decode (it is then marked bad and its bytes dropped)."""
         if raw.bad:
@@ -530,7 +583,7 @@ class _StepReader:
             label = int(raw.label)  # type: ignore[arg-type]
             epoch, window, position = sample_id
             rng = np.random.default_rng([self.seed, epoch, stream, window, position, 3])
-            out[:] = random_crop_flip(decode_resized(raw.image, self.image_size, self.draft), self.image_size, rng)  # type: ignore[arg-type]
+            out[:] = random_crop_flip(decoded.decode(raw.image), self.image_size, rng)  # type: ignore[arg-type]
         except Exception as err:  # noqa: BLE001 - a bad sample never stops training
             raw.bad, raw.image = True, None
             log.warning("sample %s undecodable (%s: %s); its slot takes its stream's next good sample", raw.key,
@@ -541,11 +594,12 @@ class _StepReader:
 
 def step_batches(shards: str | Sequence[str], layout: StepLayout, rank: int, *, image_size: int, num_workers: int,
                  seed: int, shuffle_buffer: int, start_step: int = 0, draft: bool = True, uint8: bool = False,
-                 device: str | torch.device = "cpu") -> StepBatches:
+                 device: str | torch.device = "cpu", decoded_cache_mb: float = 0.0) -> StepBatches:
     """Rank ``rank``'s training micro-batches, ``layout.accumulation`` per step, from ``start_step`` on
     (endless); the same samples per step whatever the world size and loader workers (module docstring)."""
     return StepBatches(shards, layout, rank, image_size=image_size, num_workers=num_workers, seed=seed,
-                       shuffle_buffer=shuffle_buffer, start_step=start_step, draft=draft, uint8=uint8, device=device)
+                       shuffle_buffer=shuffle_buffer, start_step=start_step, draft=draft, uint8=uint8, device=device,
+                       decoded_cache_mb=decoded_cache_mb)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,10 +51,15 @@ class DataConfig:
     # takes the largest divisor of the global batch that is at most workers x loader workers; a
     # resumed run keeps its own.
     streams: Optional[int] = None
+    # MB of resized decodes each loader worker keeps, so a dataset that fits is decoded once rather than
+    # once an epoch (trainer/data.py, DecodedCache). 0: off (ImageNet does not fit; the demo's does).
+    decoded_cache_mb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.loader_workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError("data", "image_size > 0, loader_workers >= 0, shuffle_buffer >= 1 are required")
+        if self.decoded_cache_mb < 0:
+            raise ConfigError("data.decoded_cache_mb", f"must be >= 0 (0: off), got {self.decoded_cache_mb}")
         if self.streams is not None and self.streams < 1:
             raise ConfigError("data.streams", f"must be >= 1 or null, got {self.streams}")
 

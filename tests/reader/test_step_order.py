@@ -10,6 +10,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,11 +36,11 @@ def reader(shards: Path, layout: StepLayout, rank: int, workers: int, start_step
 
 
 def rank_steps(shards: Path, layout: StepLayout, rank: int, workers: int, first: int, last: int,
-               counters: ReadCounters | None = None) -> list[Step]:
+               counters: ReadCounters | None = None, **options) -> list[Step]:
     """Rank ``rank``'s samples of steps ``first..last-1`` in slot order, checking on the way that its
     micro-batches are those of ``layout`` (step, index, size, padding stand-ins)."""
     accumulation, micro = layout.accumulation, layout.micro_batches(rank)
-    batches = reader(shards, layout, rank, workers, first)
+    batches = reader(shards, layout, rank, workers, first, **options)
     out = []
     for step in range(first, last):
         mine = take(batches, accumulation)
@@ -60,9 +61,10 @@ def rank_steps(shards: Path, layout: StepLayout, rank: int, workers: int, first:
 
 
 def global_steps(shards: Path, layout: StepLayout, workers: int, first: int, last: int,
-                 counters: ReadCounters | None = None) -> list[Step]:
+                 counters: ReadCounters | None = None, **options) -> list[Step]:
     """Steps ``first..last-1`` of the whole global batch: every rank's samples, ranks in order."""
-    ranks = [rank_steps(shards, layout, rank, workers, first, last, counters) for rank in range(layout.world_size)]
+    ranks = [rank_steps(shards, layout, rank, workers, first, last, counters, **options)
+             for rank in range(layout.world_size)]
     return [Step([k for r in ranks for k in r[i].keys], torch.cat([r[i].images for r in ranks]),
                  torch.cat([r[i].labels for r in ranks])) for i in range(last - first)]
 
@@ -156,10 +158,62 @@ def test_resume_decodes_only_the_images_it_yields(shards_80, monkeypatch):
     assert len(calls) == 2 * G
 
 
+def test_decoded_cache_gives_the_same_batches_and_decodes_each_image_once_while_it_fits(shards_80, monkeypatch):
+    """25 steps read the 80 images 2.5 times. With a cache that holds them all each is decoded once; with
+    one that holds some, those are decoded once and the rest every time; the pixels never change (the
+    crop and flip still come from each sample's own generator), with or without loader workers."""
+    calls = []
+    real = data.decode_resized
+    monkeypatch.setattr(data, "decode_resized", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layout, steps = StepLayout(G, L, 1, G), 25
+    uncached = global_steps(shards_80, layout, 0, 0, steps)
+    assert len(calls) == steps * G == 200
+
+    one_image = 16 * 16 * 3   # the smallest a resized image can be (shorter side 16)
+    for budget_mb, decoded in [(64, lambda n: n == 80), (20 * one_image / 2**20, lambda n: 80 < n < 200)]:
+        calls.clear()
+        cached = global_steps(shards_80, layout, 0, 0, steps, decoded_cache_mb=budget_mb)
+        assert decoded(len(calls)), (budget_mb, len(calls))
+        assert [s.keys for s in cached] == [s.keys for s in uncached]
+        assert all(torch.equal(c.images, u.images) and torch.equal(c.labels, u.labels)
+                   for c, u in zip(cached, uncached))
+
+    with_workers = global_steps(shards_80, StepLayout(G, L, 2, 2), 2, 0, steps, decoded_cache_mb=64)
+    assert all(torch.equal(w.images, u.images) for w, u in zip(with_workers, uncached))
+
+
+def test_decoded_cache_is_keyed_by_content_keeps_to_its_budget_and_never_keeps_a_bad_image(shards_80):
+    images = []
+    for path in sorted(shards_80.glob("train-*.tar"))[:3]:
+        with tarfile.open(path) as tar:
+            images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    cache = data.DecodedCache(16, budget_mb=0.01)   # 10 KiB: a few of the 30 images at 16 px
+    first = cache.decode(images[0])
+    copy = images[0][:1] + images[0][1:]   # equal bytes, another object
+    assert cache.decode(copy) is first and (cache.hits, cache.misses) == (1, 1)
+    assert np.array_equal(np.asarray(first), np.asarray(data.decode_resized(images[0], 16)))
+    for image in images[1:]:
+        cache.decode(image)
+    assert 0 < cache.bytes <= 10 * 2**10 and 1 < len(cache) < len(images)
+    assert (cache.hits, cache.misses) == (1, len(images))
+    for image in images:   # a second pass: what was kept is a hit, the rest is decoded again
+        cache.decode(image)
+    assert (cache.hits, cache.misses) == (1 + len(cache), 2 * len(images) - len(cache))
+    held = len(cache)
+    with pytest.raises(Exception):
+        cache.decode(b"\xff\xd8\xff\xe0 not a jpeg")
+    assert len(cache) == held
+    off = data.DecodedCache(16)   # budget 0: a plain decode, nothing kept
+    off.decode(images[0]), off.decode(images[0])
+    assert len(off) == 0 and off.hits == 0
+    with pytest.raises(ValueError, match="budget"):
+        data.DecodedCache(16, budget_mb=-1)
+
+
 def test_bad_samples_take_their_streams_next_good_sample_whoever_reads_them(shards_80, tmp_path):
     """Two undecodable images and a shard truncated after 4 of its 10 samples: each bad slot holds the
     next good sample of its stream (with that sample's own pixels), on 1 rank and on 3 ranks with
-    loader workers alike; every bad slot is counted once."""
+    loader workers alike, with the decoded cache too; every bad slot is counted once."""
     shards = tmp_path / "shards"
     shutil.copytree(shards_80, shards)
     where = shard_positions(shards_80)
@@ -180,9 +234,10 @@ def test_bad_samples_take_their_streams_next_good_sample_whoever_reads_them(shar
     bad_slots = [k for step in clean[:steps] for k in step.keys if k in corrupt | lost]
     assert len(bad_slots) >= len(corrupt | lost) == 8   # all of them fall in the first epoch
 
-    for world, workers, micro in [(1, 0, 8), (3, 2, 2)]:
+    for world, workers, micro, cache_mb in [(1, 0, 8, 0), (3, 2, 2, 0), (1, 0, 8, 64), (3, 2, 2, 64)]:
         counters = ReadCounters()
-        got = global_steps(shards, StepLayout(G, L, world, micro), workers, 0, steps, counters)
+        got = global_steps(shards, StepLayout(G, L, world, micro), workers, 0, steps, counters,
+                           decoded_cache_mb=cache_mb)
         assert [s.keys for s in got] == expected_keys, world
         assert all(torch.equal(s.images, e) for s, e in zip(got, expected_images))
         assert counters.corrupt_samples == sum(k in corrupt for k in bad_slots)

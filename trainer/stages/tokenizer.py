@@ -81,7 +81,8 @@ class TokenizerStage(TrainStage):
         data = self.cfg.data
         return step_batches(data.train_shards, layout, self.ctx.rank, image_size=data.image_size,
                             num_workers=data.loader_workers, seed=self.cfg.seed, shuffle_buffer=data.shuffle_buffer,
-                            start_step=start_step, uint8=True, device=self.device)
+                            start_step=start_step, uint8=True, device=self.device,
+                            decoded_cache_mb=data.decoded_cache_mb)
 
     def _images(self, batch: Any) -> torch.Tensor:
         """The batch's images as ``input_dtype`` NCHW in [0, 1] on the device; uint8 NHWC batches (the
