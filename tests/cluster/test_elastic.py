@@ -131,7 +131,8 @@ def test_elastic_run_survives_node_loss_grows_back_and_checkpoints_on_preemption
                  "trainer.num_workers=[1,2]", "trainer.cpus_per_worker=2", f"trainer.max_steps={max_steps}",
                  "trainer.log_every=1", "trainer.checkpoint_every=5", "trainer.image_log_every=0",
                  "trainer.batch_size_per_worker=4", "trainer.elastic_resize_interval_s=2",
-                 "trainer.record_sample_keys=true", "data.loader_workers=0", "data.shuffle_buffer=16",
+                 "trainer.record_sample_keys=true", "trainer.preemption_check_every=1",  # the default (demo: 10)
+                 "data.loader_workers=0", "data.shuffle_buffer=16",
                  "model.vit_enc_width=64", "model.vit_dec_width=64", f"mlflow.tracking_uri={tracking}",
                  "mlflow.experiment=test-elastic"]
     run = Run(elastic_cluster, overrides, tmp_path / "train.log")
