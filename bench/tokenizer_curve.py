@@ -123,6 +123,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the demo's worker gets the CPUs)")
     parser.add_argument("--work", default=None, help="folder for the images and shards (default: a temporary one)")
     args = parser.parse_args()
+    if args.steps < 1 or args.every < 1 or args.threads < 1:
+        parser.error("--steps, --every and --threads must be >= 1")
     runs = [] if args.no_baseline else [("demo", [])]
     for spec in args.variant:
         name, _, keys = spec.partition(":")

@@ -53,3 +53,6 @@ def test_tokenizer_curve_trains_and_scores_each_variant(tmp_path: Path) -> None:
     for row, final in zip(by_class[1:], (curve[1][5], curve[3][5])):
         # 8 validation images a class, so the mean of the class means is the mean over all images
         assert abs(sum(float(v) for v in row.split()[1:]) / 6 - float(final)) < 0.01
+    refused = subprocess.run([sys.executable, str(REPO / "bench" / "tokenizer_curve.py"), "--steps", "0"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert refused.returncode == 2 and "--steps, --every and --threads must be >= 1" in refused.stderr
