@@ -403,7 +403,8 @@ def loader_cost(args: argparse.Namespace, work: Path) -> None:
             loop.close()
     base = statistics.median(kept["reader"])
     print(f"\nwhat a step's data costs: plain loop, {args.image_size}px / patch {args.patch}, width {args.width} x "
-          f"{args.layers} layers, batch {args.batch}, {args.cpus} threads, {args.images} images, 1 loader worker; "
+          f"{args.layers} layers, batch {args.batch}, {args.cpus} threads, {args.images} images, "
+          f"{loops['reader'].cfg.data.loader_workers} loader worker(s); "
           f"{len(kept['reader'])} blocks of {args.log_every} steps each, taking turns")
     print(f"{'batches from':<24}{'step s (median)':>16}{'x reader':>10}")
     for name, times in kept.items():

@@ -66,7 +66,7 @@ conversion on the CPU cores the loader workers need). ``device`` is where batche
 **Decoded cache** (``decoded_cache_mb``, per loader worker; 0 = off, the default): a dataset small
 enough to keep (the demo's, a small fine-tuning set) is decoded and resized once, not once an epoch
 (:class:`DecodedCache`). The batches are the same bit for bit: the crop and flip still come from each
-sample's own generator. At the demo's size on 2 cores a step then costs ~0.9x (``python
+sample's own generator. At the demo's size on 2 cores a step then costs 0.85 to 0.87x (``python
 bench/train_overhead.py --parts loader``).
 
 **Evaluation** (:class:`ImageShardStream`, :func:`eval_batches`): one pass in shard order, center
@@ -270,9 +270,7 @@ class DecodedCache:
         image = decode_resized(data, self.size, self.draft)
         cost = image.width * image.height * len(image.getbands())
         if self.bytes + cost <= self.budget:
-            if getattr(image, "fp", None) is not None:   # opened, not resized: still lazy and holding its bytes
-                image.load()
-                image = image.copy()
+            image.load()   # one that needed no resize is still lazy: decode it now, once (PIL then drops its bytes)
             self._images[digest] = image
             self.bytes += cost
         return image
@@ -568,7 +566,9 @@ class _StepReader:
             problems.corrupt_samples += 1
         limit = sum(self.counts)
         for next_id, candidate in itertools.islice(itertools.chain(piece[offset + 1:], reader.ahead()), limit):
-            if candidate is not None and (label := self._decode(reader.stream, next_id, candidate, out, decoded)) is not None:
+            if candidate is None:
+                continue
+            if (label := self._decode(reader.stream, next_id, candidate, out, decoded)) is not None:
                 return candidate.key, label
         raise RuntimeError(f"stream {reader.stream} has no decodable image in {limit} samples in a row; check the "
                            f"shards ({self.urls[0]} ...)")

@@ -4,6 +4,7 @@ the same way whoever reads it. Real shards, real DataLoader workers."""
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import tarfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.reader.conftest import manifest_labels, rewrite_with_garbage, take, truncate_shard
 from trainer import data
@@ -203,6 +205,13 @@ def test_decoded_cache_is_keyed_by_content_keeps_to_its_budget_and_never_keeps_a
     with pytest.raises(Exception):
         cache.decode(b"\xff\xd8\xff\xe0 not a jpeg")
     assert len(cache) == held
+    # An image already at the target size is not resized: PIL leaves it lazy, holding its bytes; the
+    # cache keeps it decoded (its bytes released), with the same pixels.
+    shorter = min(Image.open(io.BytesIO(images[0])).size)
+    exact = data.DecodedCache(shorter, budget_mb=1)
+    kept = exact.decode(images[0])
+    assert exact.decode(images[0]) is kept and getattr(kept, "fp", None) is None
+    assert np.array_equal(np.asarray(kept), np.asarray(data.decode_resized(images[0], shorter)))
     off = data.DecodedCache(16)   # budget 0: a plain decode, nothing kept
     off.decode(images[0]), off.decode(images[0])
     assert len(off) == 0 and off.hits == 0
