@@ -10,6 +10,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dist_harness_fork_server():
+    """``dist_harness.run_ranks`` keeps a fork server for the session: stopped here, before the
+    session's leftover-process check."""
+    yield
+    from tests.trainer.dist_harness import stop_fork_server
+
+    stop_fork_server()
+
+
 @pytest.fixture(scope="module")
 def single_process_group():
     """A real world-size-1 gloo process group, as Ray Train would create for one worker; yields the

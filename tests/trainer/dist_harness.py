@@ -1,9 +1,13 @@
 """Run a function on N real processes joined in a gloo process group (DeepSpeed engines need one).
 
-``run_ranks(n, fn, *args)`` spawns ``n`` fresh interpreters (the ``spawn`` start method: nothing of
-the test process leaks in), sets the environment a Ray Train worker would have, calls
-``fn(rank, world_size, *args)`` in each, and returns the ranks' return values in rank order. An
-exception in any rank fails the call with that rank's traceback.
+``run_ranks(n, fn, *args)`` starts ``n`` processes, sets the environment a Ray Train worker would
+have, calls ``fn(rank, world_size, *args)`` in each, and returns the ranks' return values in rank
+order. An exception in any rank fails the call with that rank's traceback.
+
+The ranks are forked from multiprocessing's fork server, a fresh interpreter (nothing of the test
+process leaks in, as with ``spawn``) that has imported torch and DeepSpeed once: a call then starts
+its ranks in ~0.3 s instead of ~6 s of imports (two ranks, 2 cores). ``stop_fork_server()`` ends it
+(``tests/trainer/conftest.py`` does at the end of the session).
 """
 
 from __future__ import annotations
@@ -15,6 +19,24 @@ import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+
+# Imported once by the fork server; each rank imports the rest (the test module, its own helpers).
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "trainer.distributed", "trainer.engine_state", "trainer.ema"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def stop_fork_server() -> None:
+    """End the fork server (and its resource tracker) if one was started."""
+    from multiprocessing import forkserver, resource_tracker
+
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
 
 
 def _free_port() -> int:
@@ -47,7 +69,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results)
 
 def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600) -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, each in its own process."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.SimpleQueue()
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, results), daemon=True)
@@ -76,11 +98,6 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout_s: float = 600)
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    # The spawn context started multiprocessing's resource tracker for these children; stop it with them
-    # (it would otherwise live as long as the test session, and the session's leftover check flags it).
-    from multiprocessing import resource_tracker
-
-    resource_tracker._resource_tracker._stop()
     if errors:
         raise AssertionError("\n".join(errors))
     if len(out) != world_size:
