@@ -42,6 +42,7 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",                                                         # tracking server
     "DS_ACCELERATOR",                                                              # cpu on CPU-only nodes
     "TITOK_S3_MULTIPART_THRESHOLD", "TITOK_S3_MULTIPART_CHUNKSIZE",                # storage tuning
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",                                      # read by the controller
 )
 
 
