@@ -25,8 +25,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every test runs on the CPU; DeepSpeed must not probe for accelerators.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# DeepSpeed JIT-builds a CPU communication op (~60 s) the first time a process group starts; torch
-# caches the build in ~/.cache/torch_extensions, so later processes and runs load it in a second.
+# (DeepSpeed would JIT-build a CPU communication op, 30-60 s, when a process group first starts; training
+# never uses it, and trainer/distributed.py's setup_worker keeps it from being built.)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Keep storage tests quick: small multipart parts (S3's minimum part size is 5 MiB) and short retries.
 os.environ.setdefault("TITOK_S3_MULTIPART_THRESHOLD", str(5 * 1024 * 1024))

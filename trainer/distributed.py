@@ -39,6 +39,7 @@ def setup_worker(use_gpu: bool) -> WorkerContext:
     if not use_gpu:
         # DeepSpeed's accelerator probe otherwise warns and may pick a GPU runtime that is absent.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        skip_unused_cpu_comm_op()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
@@ -51,6 +52,23 @@ def setup_worker(use_gpu: bool) -> WorkerContext:
     else:
         device = torch.device("cpu")
     return WorkerContext(rank, world, local_rank, device)
+
+
+def skip_unused_cpu_comm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op for the CPU accelerator.
+
+    DeepSpeed builds that op (C++, JIT, through ninja) whenever a process group starts on the CPU and no
+    build is cached for this exact install path: 30 to 60 s on a fresh machine, a fresh clone or a moved
+    venv, which was the first minute of every first demo and CI run. Its only user is DeepSpeed's
+    ``inference_all_reduce``; training's collectives go through torch.distributed (gloo). DeepSpeed reads
+    which ops it may build from one cached dict, ``deepspeed.ops.__compatible_ops__``; the op is marked
+    unavailable there. A DeepSpeed without that dict is left as it is (it builds the op, as before).
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def compute_dtype(ds: DeepSpeedConfig) -> torch.dtype:

@@ -57,6 +57,18 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_end_lr(single_process_group
     assert used[0] == pytest.approx(lr / warmup) and used[-1] == pytest.approx(end)
 
 
+def test_cpu_workers_do_not_build_deepspeeds_shared_memory_op(single_process_group) -> None:
+    """setup_worker marks DeepSpeed's CPU shared-memory all-reduce op (used only by its inference
+    all-reduce) unavailable, so no process group start JIT-compiles it; collectives still work."""
+    import deepspeed.comm as ds_comm
+    from deepspeed.comm import comm
+
+    assert comm.cdb is not None and comm.cdb.shm_comm_op is None
+    summed = torch.arange(3.0)
+    ds_comm.all_reduce(summed)
+    assert summed.tolist() == [0.0, 1.0, 2.0]  # world size 1
+
+
 def test_no_weight_decay_on_norms_biases_embeddings() -> None:
     model = Tiny()
     decay, no_decay = param_groups(model, 0.05)
