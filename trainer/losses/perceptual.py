@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from cluster.storage import StorageError
@@ -103,6 +102,10 @@ class ConvNeXtLogitLoss(FrozenNet):
 
     def __init__(self) -> None:
         super().__init__()
+        # Imported here, not at the top: torchvision brings torch._dynamo (~1.4 s), and every process
+        # that reads a training config imports this module (the driver, Ray Train's controller).
+        import torchvision
+
         self.net = torchvision.models.convnext_small()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

@@ -8,7 +8,6 @@ measures of image similarity.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from cluster import storage
@@ -21,6 +20,8 @@ CONVNEXT_SMALL_FILE = "convnext_small_random.pth"
 def random_vgg16_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """``features.*`` of a torchvision vgg16 with kaiming-normal convolutions (the classifier is not
     used by LPIPS and the loader ignores it)."""
+    import torchvision  # here, not at the top (see perceptual.ConvNeXtLogitLoss)
+
     torch.manual_seed(seed)
     features = torchvision.models.vgg16().features  # torchvision's own init is kaiming-normal (fan_out)
     return {f"features.{k}": v.clone() for k, v in features.state_dict().items()}
@@ -32,6 +33,8 @@ def random_convnext_small_state(seed: int = 0) -> dict[str, torch.Tensor]:
     torchvision's default init (std 0.02, layer scale 1e-6) makes every block nearly the identity, so
     the logits barely depend on the blocks; these values make every weight matter.
     """
+    import torchvision
+
     torch.manual_seed(seed)
     net = torchvision.models.convnext_small()
     with torch.no_grad():
