@@ -67,6 +67,22 @@ def _no_process_outlives_the_session():
                              + "\n".join(item.line() for item in left))
 
 
+@pytest.fixture(autouse=True)
+def _no_train_controller_outlives_its_test():
+    """A test that calls ``TorchTrainer.fit()`` itself must give SIGINT back afterwards
+    (``cluster.ray_session.release_train_controller``): fit()'s handler holds the run's controller, which
+    then polls with its helpers for the rest of the session and makes the session's end wait ~15 s."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        raise AssertionError(f"the test left SIGINT's handler changed ({after!r}): a Ray Train controller "
+                             "held alive; call cluster.ray_session.release_train_controller after fit()")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """A real S3-speaking server (moto_server) for the whole session, with AWS env pointing at it."""
