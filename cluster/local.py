@@ -243,26 +243,37 @@ def start_ray(state_dir: Path, port: int | None = None, dashboard_port: int | No
 
 
 def stop_service(service: Service, timeout_s: float = 10.0) -> None:
-    """Stop the process group (session) that was started for this service, and nothing else."""
+    """Stop the process group (session) that was started for this service, and nothing else.
+
+    The session's leader is asked first, alone: ``ray start --block`` then stops its node's processes
+    in their order and a head node is gone in ~2 s. Signalled all at once, the GCS and the raylet each
+    wait out their own timeouts instead (~24 s for a head node, then killed). Whatever of the session
+    is still running when the leader has exited (or after ``timeout_s``) gets SIGTERM, then SIGKILL.
+    """
     if not pid_alive(service.pid):
         return
-    members = _session_members(service.pid)
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(service.pid, signal.SIGTERM)
+    _wait_until_gone([service.pid], deadline)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in members or [service.pid]:
+        # Children that appeared meanwhile (e.g. Ray workers) belong to the same session.
+        members = [p for p in _session_members(service.pid, include_leader=False) + [service.pid] if pid_alive(p)]
+        if not members:
+            break
+        for pid in members:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            if not any(pid_alive(p) for p in members or [service.pid]):
-                break
-            time.sleep(0.2)
-        # Children that appeared meanwhile (e.g. Ray workers) belong to the same session.
-        members = _session_members(service.pid, include_leader=False) + [service.pid]
-        if not any(pid_alive(p) for p in members):
-            break
+        grace_s = max(deadline - time.monotonic(), 1.0) if sig == signal.SIGTERM else 5.0
+        _wait_until_gone(members, time.monotonic() + grace_s)
     # Reap our own child if it was started by this process (tests).
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(service.pid, os.WNOHANG)
+
+
+def _wait_until_gone(pids: list[int], deadline: float) -> None:
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.1)
 
 
 def _session_members(leader_pid: int, include_leader: bool = True) -> list[int]:
