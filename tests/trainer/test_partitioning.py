@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -47,6 +48,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     from trainer.partitioning import build_model, copy_state_into, gathered
 
     setup_worker(False)
+    # The first parameter init under zero.Init imports torch._dynamo (torch's decompositions); that
+    # ~100 MB of code is no part of the model, so it is loaded before the build is measured.
+    importlib.import_module("torch._dynamo")
+
     result: dict = {}
     cfg = build_config("tokenizer", TokenizerTrainConfig, TOKENIZER)
     torch.manual_seed(rank)

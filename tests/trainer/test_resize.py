@@ -129,28 +129,37 @@ def test_worker_count_that_does_not_divide_the_global_batch_is_refused(tiny_shar
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_resume_that_changes_an_invariant_is_refused_before_writing(tiny_shards, tmp_path) -> None:
+def test_resume_that_changes_an_invariant_is_refused_before_writing(tiny_shards, tmp_path, capsys) -> None:
+    from trainer.config import EXIT_CONFIG_ERROR, build_config
+    from trainer.launch import launch
+    from trainer.resume import previous_run_config, resolve_run
+    from trainer.schema import TokenizerTrainConfig
+
     run_dir = tmp_path / "run"
     train_tokenizer(tokenizer_overrides(tiny_shards, run_dir, "trainer.max_steps=2", "trainer.checkpoint_every=2",
                                         "trainer.num_workers=1", "mlflow.enabled=false"))
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    cases = [
-        (["model.codebook_size=512"], "model.codebook_size: the run in"),
-        (["trainer.global_batch_size=8"], "trainer.global_batch_size: the run in"),
-        (["seed=5"], "seed: the run in"),
-    ]
-    for extra, expected in cases:
-        result = _run_cli(tokenizer_overrides(tiny_shards, run_dir, "trainer.max_steps=4", "trainer.num_workers=1",
-                                              "mlflow.enabled=false", *extra), tmp_path)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
-        assert "Traceback" not in result.stderr + result.stdout
+    resume = ["trainer.max_steps=4", "trainer.num_workers=1", "mlflow.enabled=false"]
+    # The command a user runs: one line on stderr, exit code 2, no traceback.
+    result = _run_cli(tokenizer_overrides(tiny_shards, run_dir, *resume, "model.codebook_size=512"), tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "model.codebook_size: the run in" in lines[0], \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    # The other invariants through the same launcher in this process (trainer/run.py only parses argv
+    # before it: the refusal is the same code, without a new interpreter's 3 to 4 s start).
+    for extra, expected in [("trainer.global_batch_size=8", "trainer.global_batch_size: the run in"),
+                            ("seed=5", "seed: the run in")]:
+        capsys.readouterr()
+        code = launch(build_config("tokenizer", TokenizerTrainConfig,
+                                   tokenizer_overrides(tiny_shards, run_dir, *resume, extra)))
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == EXIT_CONFIG_ERROR and len(lines) == 1 and expected in lines[0], err[-3000:]
+        assert not out.strip(), out[-3000:]
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     assert after == before, "a refused resume wrote to the run dir"
     # The deliberate change goes through the refusal (the run itself is not continued here).
-    from trainer.config import build_config
-    from trainer.resume import previous_run_config, resolve_run
-    from trainer.schema import TokenizerTrainConfig
 
     cfg = build_config("tokenizer", TokenizerTrainConfig, tokenizer_overrides(
         tiny_shards, run_dir, "trainer.global_batch_size=8", "trainer.allow_global_batch_change=true"))
