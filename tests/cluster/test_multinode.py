@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -39,7 +41,8 @@ class TwoNodeCluster:
         # Short root: Ray's unix sockets live under it (paths are limited to ~107 bytes).
         self.root = Path(tempfile.mkdtemp(prefix="rmn-", dir="/tmp"))
         token = self.root / "token"
-        token.write_text(secrets.token_hex(32))
+        self.token = secrets.token_hex(32)
+        token.write_text(self.token)
         token.chmod(0o600)
         self.port, self.dashboard_port = local.free_port(), local.free_port()
         self.dashboard = f"http://{HOST}:{self.dashboard_port}"
@@ -72,24 +75,30 @@ class TwoNodeCluster:
             assert not dead, f"ray start exited: {dead}\n{self.logs()}"
             if ready():
                 return
-            time.sleep(1)
+            time.sleep(0.25)
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
     def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
     def state(self, kind: str, *filters: str) -> list[dict]:
-        args = ["list", kind, "--address", self.dashboard, "--format", "json", "--detail", "--limit", "1000"]
-        for f in filters:
-            args += ["--filter", f]
-        result = self.ray(*args)
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+        """What ``ray list <kind> --detail --filter key=value`` prints, from the state API endpoint that
+        command reads (with the cluster's token): a few ms instead of a ~1.8 s CLI process a call."""
+        params = [("limit", "1000"), ("detail", "True")]
+        for item in filters:
+            key, value = item.split("=", 1)
+            params += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/{kind}?{urllib.parse.urlencode(params)}",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.loads(response.read())
+        assert body["result"], body["msg"]
+        return body["data"]["result"]["result"]
 
     def alive_nodes(self) -> list[dict]:
         try:
             return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
-        except (AssertionError, json.JSONDecodeError):
+        except (AssertionError, OSError, ValueError):  # the dashboard not up yet (URLError is an OSError)
             return []
 
     def logs(self) -> str:
