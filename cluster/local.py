@@ -246,9 +246,10 @@ def stop_service(service: Service, timeout_s: float = 10.0) -> None:
     """Stop the process group (session) that was started for this service, and nothing else.
 
     The session's leader is asked first, alone: ``ray start --block`` then stops its node's processes
-    in their order and a head node is gone in ~2 s. Signalled all at once, the GCS and the raylet each
-    wait out their own timeouts instead (~24 s for a head node, then killed). Whatever of the session
-    is still running when the leader has exited (or after ``timeout_s``) gets SIGTERM, then SIGKILL.
+    in their order, and an idle head node is gone in 2 to 5 s (one that has just run a training job
+    took ~11 s). Signalled all at once, the GCS and the raylet each wait out their own timeouts instead
+    (~24 s for an idle head node, then killed). Whatever of the session is still running when the leader
+    has exited (or after ``timeout_s``) gets SIGTERM, then SIGKILL.
     """
     if not pid_alive(service.pid):
         return
