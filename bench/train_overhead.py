@@ -50,7 +50,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -492,7 +491,7 @@ def zero_memory(args: argparse.Namespace, work: Path) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.ray_session import connect_ray, release_train_controller
+    from cluster.ray_session import connect_ray, train_controller_released
     from trainer.models import build_tokenizer
 
     connect_ray()
@@ -501,17 +500,14 @@ def zero_memory(args: argparse.Namespace, work: Path) -> None:
     small = argparse.Namespace(**{**vars(args), "image_size": 32, "patch": 4, "width": args.zero_width,
                                   "layers": args.zero_layers, "batch": 4, "steps": args.zero_steps, "cpus": 1})
     stages = [int(s) for s in args.zero_stages.split(",")]
-    sigint_handler = signal.getsignal(signal.SIGINT)
     for stage in stages:
         cfg = tokenizer_config(small, "unused", "trainer.num_workers=2", f"deepspeed.zero_stage={stage}",
                                "mlflow.enabled=false", *args.zero_set)
-        try:
+        with train_controller_released():  # else the run's controller lives until Ray's end
             TorchTrainer(zero_worker, train_loop_config={"cfg": cfg, "steps": args.zero_steps, "out": str(out)},
                          scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                          torch_config=TorchConfig(backend="gloo"),
                          run_config=RunConfig(name=f"zero{stage}", storage_path=str(work / "ray-zero"))).fit()
-        finally:
-            release_train_controller(sigint_handler)  # else the run's controller lives until Ray's end
 
     params = sum(p.numel() for p in build_tokenizer(cfg.model).parameters())
     print(f"\nZeRO memory per rank: 2 workers, gloo, fp32, TiTok {params / 1e6:.2f}M params "

@@ -12,7 +12,7 @@ order that leaves no Ray process talking to a GCS that is gone:
 
 1. Ray Train's actors of finished runs exit first. The controller is kept alive by the SIGINT
    handler ``DataParallelTrainer.fit()`` installs (its closure holds the controller's handle), so
-   :func:`release_train_controller` restores the previous handler after ``fit()``. The detached
+   :func:`train_controller_released` restores the previous handler after ``fit()``. The detached
    ``PlacementGroupCleaner`` asks the state API every second whether the controller lives, and its
    loop survives only ``RayStateApiException``: one still polling when the GCS and the dashboard
    go away dies of ``RpcError: Timed out while waiting for GCS``, a traceback on the console after
@@ -28,11 +28,13 @@ order that leaves no Ray process talking to a GCS that is gone:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
 import socket
 import time
+from typing import Iterator
 
 # What a worker on another node needs to reach the same services. Credentials are deliberately
 # absent: on a cluster they come from the node's instance profile (or its own credential chain),
@@ -125,13 +127,18 @@ TRAIN_ACTORS_GRACE_S = 15.0   # for a run's actors to exit after fit() (normally
 PROCESS_GRACE_S = 10.0        # for the instance's processes to exit after ray.shutdown()
 
 
-def release_train_controller(previous_sigint_handler) -> None:
-    """Give SIGINT back to ``previous_sigint_handler`` after ``TorchTrainer.fit()``.
+@contextlib.contextmanager
+def train_controller_released() -> Iterator[None]:
+    """Wrap ``TorchTrainer.fit()``: on leaving, SIGINT's handler is the one from before, however fit() ended.
 
-    Ray Train's handler is a closure over the run's controller: as long as it is installed, the
-    controller actor (and the actors it owns) stays alive although its run is over."""
-    if signal.getsignal(signal.SIGINT) is not previous_sigint_handler:
-        signal.signal(signal.SIGINT, previous_sigint_handler)
+    fit() installs a handler that is a closure over the run's controller: as long as it is installed,
+    the controller actor (and the actors it owns) stays alive, polling, although its run is over."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _alive_train_actors() -> list[str]:
@@ -236,6 +243,6 @@ def shutdown_ray() -> None:
             pass
 
 
-__all__ = ["FORWARDED_ENV", "TRAIN_ACTORS", "forwarded_env", "connect_ray", "release_train_controller",
+__all__ = ["FORWARDED_ENV", "TRAIN_ACTORS", "forwarded_env", "connect_ray", "train_controller_released",
            "local_instance_pids", "shutdown_ray"]
 

@@ -70,7 +70,7 @@ def _no_process_outlives_the_session():
 @pytest.fixture(autouse=True)
 def _no_train_controller_outlives_its_test():
     """A test that calls ``TorchTrainer.fit()`` itself must give SIGINT back afterwards
-    (``cluster.ray_session.release_train_controller``): fit()'s handler holds the run's controller, which
+    (``with cluster.ray_session.train_controller_released():``): fit()'s handler holds the run's controller, which
     then polls with its helpers for the rest of the session and makes the session's end wait ~15 s."""
     import signal
 
@@ -80,7 +80,7 @@ def _no_train_controller_outlives_its_test():
     if after is not before:
         signal.signal(signal.SIGINT, before)
         raise AssertionError(f"the test left SIGINT's handler changed ({after!r}): a Ray Train controller "
-                             "held alive; call cluster.ray_session.release_train_controller after fit()")
+                             "held alive; wrap fit() in cluster.ray_session.train_controller_released()")
 
 
 @pytest.fixture(scope="session")

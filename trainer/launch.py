@@ -8,14 +8,13 @@ failure restarts). The workers run :func:`trainer.loop.train_worker`.
 from __future__ import annotations
 
 import re
-import signal
 import sys
 import time
 from pathlib import Path
 
 from cluster import storage
 from cluster.local import apply_service_env
-from cluster.ray_session import connect_ray, release_train_controller
+from cluster.ray_session import connect_ray, train_controller_released
 from trainer.config import EXIT_CONFIG_ERROR, ConfigError, to_yaml
 from trainer.schema import TrainConfigBase
 
@@ -88,9 +87,11 @@ def launch(cfg: TrainConfigBase) -> int:
     )
     started = time.time()
     status = "FAILED"
-    sigint_handler = signal.getsignal(signal.SIGINT)
     try:
-        result = trainer.fit()
+        # fit()'s SIGINT handler holds the run's controller: SIGINT is given back when fit() returns, so
+        # that the controller and its helpers exit now, not when Ray shuts down (cluster/ray_session.py).
+        with train_controller_released():
+            result = trainer.fit()
         status = "FINISHED"
     except Exception as err:  # noqa: BLE001 - Ray wraps the workers' errors; show the root cause
         print(f"\ntraining failed: {root_cause(err)}\n(the full traceback is above; the run dir {run_dir} keeps "
@@ -98,9 +99,6 @@ def launch(cfg: TrainConfigBase) -> int:
               file=sys.stderr, flush=True)
         return 1
     finally:
-        # fit()'s SIGINT handler holds the run's controller: give SIGINT back so that the controller
-        # and its helpers exit now, not when Ray shuts down (cluster/ray_session.py).
-        release_train_controller(sigint_handler)
         if run_ref is not None:
             tracking.finish_run(run_ref, status)
     print(f"done in {time.time() - started:.0f}s; run dir {run_dir}; last checkpoint "

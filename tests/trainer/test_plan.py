@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -226,21 +225,18 @@ def _measure(cfgs: list, tmp_path: Path, steps: int = 3) -> list[list[dict]]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.ray_session import release_train_controller
+    from cluster.ray_session import train_controller_released
     from trainer.memory_probe import measure_worker
 
     out = tmp_path / "measured"
     out.mkdir()
-    sigint_handler = signal.getsignal(signal.SIGINT)
-    try:
+    # Otherwise fit()'s SIGINT handler keeps the run's controller (and its helpers) alive for the rest of
+    # the session, and the session's end waits for them (cluster/ray_session.py).
+    with train_controller_released():
         TorchTrainer(measure_worker, train_loop_config={"cfgs": cfgs, "steps": steps, "out": str(out)},
                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                      torch_config=TorchConfig(backend="gloo"),
                      run_config=RunConfig(name="plan-check", storage_path=str(tmp_path / "ray"))).fit()
-    finally:
-        # fit()'s SIGINT handler keeps the run's controller (and its helpers) alive for the rest of the
-        # session otherwise, and the session's end waits for them (cluster/ray_session.py).
-        release_train_controller(sigint_handler)
     return [[json.loads((out / f"cfg{i}-rank{r}.json").read_text()) for r in (0, 1)] for i in range(len(cfgs))]
 
 
